@@ -1,0 +1,47 @@
+"""The learned-optimizer interface: meta-parameters in, an ordinary optimizer out.
+
+A learned optimizer is a pair of pure functions:
+
+* `init_meta(key) -> theta`: fresh meta-parameters (a pytree);
+* `optimizer(theta) -> Optimizer`: an optimizer whose `init(params, num_steps)` and
+  `update(grads, state, params, loss) -> (updates, state)` are pure and traceable.
+
+`lopt` knows nothing about tasks or estimators; the optax export in `lopt.export` is a thin
+adapter over these same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+
+MetaParams = Any
+Params = Any
+OptState = Any
+
+
+class Optimizer(NamedTuple):
+    """An inner optimizer built from meta-parameters.
+
+    Attributes:
+      init: `init(params, num_steps) -> state`; `num_steps` is the training horizon the
+        progress features are measured against.
+      update: `update(grads, state, params, loss) -> (updates, state)`; `params + updates`
+        are the new parameters (optax convention).
+    """
+
+    init: Callable[[Params, Any], OptState]
+    update: Callable[[Params, OptState, Params, jax.Array], tuple[Params, OptState]]
+
+
+@runtime_checkable
+class LearnedOptimizer(Protocol):
+    """A family of optimizers indexed by meta-parameters."""
+
+    def init_meta(self, key: jax.Array) -> MetaParams:
+        """Returns freshly initialised meta-parameters."""
+
+    def optimizer(self, theta: MetaParams) -> Optimizer:
+        """Returns the optimizer with meta-parameters `theta`."""

@@ -1,0 +1,199 @@
+"""Image/feature classification tasks over on-device data.
+
+`ClassificationTask` turns any model given as an (init, apply) pair (flax linen, flax nnx
+via `nnx.split`, or haiku `transform`) and a `DeviceData` into a `Task`. `MLPTask` is the
+flax MLP used by the task families: its activation, init scale and dataset are traced
+numbers, so sampling them needs no recompilation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from tasks.base import accuracy, cross_entropy
+from tasks.device_data import DeviceData
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "swish": jax.nn.swish,
+    "elu": jax.nn.elu,
+}
+
+
+def apply_activation(x: jax.Array, index: jax.Array, names: Sequence[str]) -> jax.Array:
+    """Applies activation number `index` of `names`; `index` may be traced."""
+    if len(names) == 1:
+        return ACTIVATIONS[names[0]](x)
+    # Under vmap a lax.switch runs every branch anyway; a select over cheap elementwise
+    # activations is simpler and equally fast.
+    outs = jnp.stack([ACTIVATIONS[n](x) for n in names])
+    return outs[index]
+
+
+class TaskHParams(struct.PyTreeNode):
+    """Per-task numbers a family samples; traced, so one compilation serves them all."""
+
+    activation: jax.Array  # int32 index into the family's activation names
+    dataset: jax.Array  # int32 index into the datasets concatenated in `DeviceData`
+    init_scale: jax.Array  # float32 multiplier on the default (lecun-normal) init
+
+    @classmethod
+    def default(cls) -> TaskHParams:
+        return cls(jnp.int32(0), jnp.int32(0), jnp.float32(1.0))
+
+
+class _MLP(nn.Module):
+    hidden_sizes: Sequence[int]
+    num_classes: int
+    activations: Sequence[str]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, activation: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for h in self.hidden_sizes:
+            x = apply_activation(nn.Dense(h)(x), activation, self.activations)
+        return nn.Dense(self.num_classes)(x)
+
+
+class ClassificationTask(struct.PyTreeNode):
+    """Softmax classification of on-device data with a user-given model.
+
+    Attributes:
+      data: the dataset(s) on the device (pytree leaves: traced, never constants).
+      hp: per-task numbers (activation, dataset index, init scale).
+      init_fn: `init_fn(key, x) -> params` (static).
+      apply_fn: `apply_fn(params, x, hp) -> logits` (static).
+      batch_size: training batch size (static).
+      num_classes: number of classes (static).
+      eval_batch_size: batch size of `sample_batch` for 'valid'/'test' (static).
+    """
+
+    data: DeviceData
+    hp: TaskHParams
+    init_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    apply_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
+    batch_size: int = struct.field(pytree_node=False, default=128)
+    num_classes: int = struct.field(pytree_node=False, default=10)
+    eval_batch_size: int = struct.field(pytree_node=False, default=1000)
+
+    def init(self, key: jax.Array) -> Any:
+        params = self.init_fn(key, self.data.train.x[:1])
+        # Scale weight matrices only: biases start at zero either way.
+        return jax.tree.map(lambda p: p * self.hp.init_scale if p.ndim > 1 else p, params)
+
+    def sample_batch(self, key: jax.Array, split: str = "train"):
+        size = self.batch_size if split == "train" else self.eval_batch_size
+        return self.data.split(split).sample(key, size, self.hp.dataset)
+
+    def logits(self, params: Any, x: jax.Array) -> jax.Array:
+        return self.apply_fn(params, x, self.hp)
+
+    def loss(self, params: Any, batch) -> jax.Array:
+        x, y = batch
+        return cross_entropy(self.logits(params, x), y)
+
+    def metrics(self, params: Any, batch) -> dict[str, jax.Array]:
+        x, y = batch
+        logits = self.logits(params, x)
+        return {"loss": cross_entropy(logits, y), "accuracy": accuracy(logits, y)}
+
+    def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
+        """Loss and accuracy over every row of the current dataset in a split."""
+        s = self.data.split(split)
+        logits = self.logits(params, s.x)
+        rows = jnp.arange(s.y.shape[0])
+        mask = (rows >= s.offsets[self.hp.dataset]) & (
+            rows < s.offsets[self.hp.dataset] + s.counts[self.hp.dataset]
+        )
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, s.y[:, None], axis=-1)[:, 0]
+        n = jnp.maximum(mask.sum(), 1)
+        correct = jnp.argmax(logits, -1) == s.y
+        return {"loss": jnp.sum(nll * mask) / n, "accuracy": jnp.sum(correct * mask) / n}
+
+
+def mlp_task(
+    data: DeviceData,
+    hidden_sizes: Sequence[int],
+    num_classes: int,
+    *,
+    batch_size: int = 128,
+    activations: Sequence[str] = ("relu",),
+    hp: TaskHParams | None = None,
+) -> ClassificationTask:
+    """An MLP classifier (flax linen) over `data`.
+
+    Args:
+      data: on-device dataset(s); inputs are flattened.
+      hidden_sizes: widths of the hidden layers.
+      num_classes: output classes.
+      batch_size: training batch size.
+      activations: names the traced `hp.activation` index chooses from.
+      hp: per-task numbers; defaults to activation 0, dataset 0, init scale 1.
+
+    Returns:
+      A `ClassificationTask`.
+    """
+    for a in activations:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
+    module = _MLP(tuple(hidden_sizes), num_classes, tuple(activations))
+
+    def init_fn(key, x):
+        return module.init(key, x, jnp.int32(0))["params"]
+
+    def apply_fn(params, x, hp):
+        return module.apply({"params": params}, x, hp.activation)
+
+    return ClassificationTask(
+        data=data,
+        hp=TaskHParams.default() if hp is None else hp,
+        init_fn=_Named(init_fn, ("mlp-init", module)),
+        apply_fn=_Named(apply_fn, ("mlp-apply", module)),
+        batch_size=batch_size,
+        num_classes=num_classes,
+    )
+
+
+def haiku_task(transformed, data: DeviceData, num_classes: int, *, batch_size: int = 128):
+    """Wraps a haiku `hk.transform`ed classifier `f(x) -> logits` as a `ClassificationTask`."""
+
+    def init_fn(key, x):
+        return transformed.init(key, x)
+
+    def apply_fn(params, x, hp):
+        del hp
+        return transformed.apply(params, None, x)
+
+    return ClassificationTask(
+        data=data,
+        hp=TaskHParams.default(),
+        init_fn=_Named(init_fn, ("haiku-init", id(transformed))),
+        apply_fn=_Named(apply_fn, ("haiku-apply", id(transformed))),
+        batch_size=batch_size,
+        num_classes=num_classes,
+    )
+
+
+class _Named:
+    """A callable compared by a key, so equal task shapes hash equal and share a compile."""
+
+    def __init__(self, fn, key):
+        self.fn, self.key = fn, key
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, _Named) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
