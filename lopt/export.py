@@ -43,7 +43,9 @@ def as_optax(
         if params is None:
             raise ValueError("the learned optimizer needs `params` in update(...)")
         if loss is None:
-            raise ValueError("the learned optimizer needs the training loss: update(..., loss=loss)")
+            raise ValueError(
+                "the learned optimizer needs the training loss: update(..., loss=loss)"
+            )
         return opt.update(updates, state, params, loss)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -69,9 +69,7 @@ def _progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:
     """Training-progress features shared by every parameter."""
     frac = step.astype(jnp.float32) / jnp.maximum(num_steps.astype(jnp.float32), 1.0)
     scales = jnp.array([3.0, 10.0, 30.0, 100.0, 300.0])
-    return jnp.concatenate(
-        [jnp.stack([frac, frac**2, jnp.sqrt(frac)]), jnp.tanh(step / scales)]
-    )
+    return jnp.concatenate([jnp.stack([frac, frac**2, jnp.sqrt(frac)]), jnp.tanh(step / scales)])
 
 
 def _normalise(x: jax.Array) -> jax.Array:
@@ -126,7 +124,9 @@ class MLPLOpt:
         def init(params, num_steps) -> MLPLOptState:
             leaves = _float_leaves(params)
             return MLPLOptState(
-                momenta=[jnp.zeros(p.shape + (len(self.momentum_decays),), p.dtype) for p in leaves],
+                momenta=[
+                    jnp.zeros(p.shape + (len(self.momentum_decays),), p.dtype) for p in leaves
+                ],
                 rms=[jnp.zeros_like(p) for p in leaves],
                 step=jnp.zeros((), jnp.int32),
                 num_steps=jnp.asarray(num_steps, jnp.int32),
@@ -150,8 +150,14 @@ class MLPLOpt:
             for p, g, m, v in zip(p_leaves, g_leaves, momenta, rms, strict=True):
                 inv = jax.lax.rsqrt(v + _EPS)
                 feats = jnp.concatenate(
-                    [p[..., None], g[..., None], m, v[..., None], m * inv[..., None],
-                     (g * inv)[..., None]],
+                    [
+                        p[..., None],
+                        g[..., None],
+                        m,
+                        v[..., None],
+                        m * inv[..., None],
+                        (g * inv)[..., None],
+                    ],
                     axis=-1,
                 ).reshape(-1, self.num_per_param_features)
                 rows.append(_normalise(feats.astype(jnp.float32)))
@@ -160,7 +166,9 @@ class MLPLOpt:
             step = self.step_mult * out[:, 0] * jnp.exp(self.exp_mult * out[:, 1])
             sizes = [p.size for p in p_leaves]
             splits = jnp.split(step, list(_cumsum(sizes[:-1])))
-            upd_leaves = [s.reshape(p.shape).astype(p.dtype) for s, p in zip(splits, p_leaves)]
+            upd_leaves = [
+                s.reshape(p.shape).astype(p.dtype) for s, p in zip(splits, p_leaves, strict=True)
+            ]
             updates = _unflatten_like(grads, upd_leaves)
             return updates, MLPLOptState(momenta, rms, state.step + 1, state.num_steps)
 

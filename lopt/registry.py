@@ -22,6 +22,8 @@ def make_lopt(kind: str, **kwargs: Any) -> LearnedOptimizer:
     fields = set(cls.__dataclass_fields__)
     unknown = set(kwargs) - fields
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for lopt {kind!r}; known {sorted(fields)}")
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for lopt {kind!r}; known {sorted(fields)}"
+        )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(**kwargs)

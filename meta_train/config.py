@@ -49,7 +49,9 @@ class RunConfig:
 
     def __post_init__(self):
         if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"run.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+            raise ConfigError(
+                f"run.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +173,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(
+            _coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")

@@ -34,12 +34,19 @@ class LearnerState(struct.PyTreeNode):
     step: jax.Array
 
 
+@functools.cache
 def outer_optimizer(learning_rate: float, grad_clip: float) -> optax.GradientTransformation:
-    """Adam on the meta-gradient after global-norm clipping."""
+    """Adam on the meta-gradient after global-norm clipping.
+
+    Cached, so runs with equal settings pass the identical (static) object to `outer_step`
+    and share its compilation.
+    """
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
 
 
+@functools.partial(jax.jit, static_argnames=("outer_opt",))
 def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerState:
+    """The learner's initial state: fresh staggered particles and outer optimizer state."""
     k_est, k_run = jax.random.split(key)
     return LearnerState(
         theta=theta,

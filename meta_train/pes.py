@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from meta_train.unroll import EpisodeSchedule, Particle, init_group, unroll_window
+from meta_train.unroll import EpisodeSchedule, Particle, WindowOut, init_group, unroll_window
 
 
 class PESState(struct.PyTreeNode):
@@ -40,7 +40,10 @@ def _normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
         treedef,
-        [sigma * jax.random.normal(k, (num,) + x.shape, x.dtype) for k, x in zip(keys, leaves)],
+        [
+            sigma * jax.random.normal(k, (num,) + x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
     )
 
 
@@ -64,57 +67,61 @@ class PES(struct.PyTreeNode):
         particles, accum = [], []
         zeros = jax.tree.map(lambda t: jnp.zeros((self.pairs_per_group,) + t.shape), theta)
         thetas = _pair_thetas(theta, zeros)
-        for problem, k in zip(self.problems, jax.random.split(key, len(self.problems))):
+        for problem, k in zip(
+            self.problems, jax.random.split(key, len(self.problems)), strict=True
+        ):
             keys = jax.random.split(k, self.pairs_per_group)
             init = jax.vmap(init_group, in_axes=(None, 0, 0, None))
             particles.append(init(problem, thetas, keys, self.schedule))
             accum.append(zeros)
         return PESState(tuple(particles), tuple(accum))
 
+    def _group(self, problem, theta, particles, accum, key):
+        """One group's window: the sum of its pairs' estimates, new particles and ξ."""
+        n = self.pairs_per_group
+        k_eps, k_unroll = jax.random.split(key)
+        eps = _normal_like(k_eps, theta, n, self.sigma)
+        xi = jax.tree.map(jnp.add, accum, eps)
+        unroll = jax.vmap(unroll_window, in_axes=(None, 0, 0, 0, None))
+        keys = jax.random.split(k_unroll, n)
+        particles, out = unroll(problem, _pair_thetas(theta, eps), particles, keys, self.schedule)
+        # out.losses: [pairs, K, 2]; the mean-over-window objective, split at a reset.
+        diff = (out.losses[..., 0] - out.losses[..., 1]) / self.schedule.window
+        seg = jax.vmap(WindowOut.segment)(out)
+        ok = jnp.all(out.finite, axis=(1, 2))
+        before = jnp.where(ok, jnp.sum(jnp.where(seg == 0, diff, 0.0), axis=1), 0.0)
+        after = jnp.where(ok, jnp.sum(jnp.where(seg > 0, diff, 0.0), axis=1), 0.0)
+        scale = 1.0 / (2.0 * self.sigma**2)
+        grad_sum = jax.tree.map(
+            lambda x, e: scale * (_bcast(before, x) * x + _bcast(after, e) * e).sum(0), xi, eps
+        )
+        crossed = jnp.any(out.resets, axis=1)
+        accum = jax.tree.map(lambda x, e: jnp.where(_bcast(crossed, x), e, x), xi, eps)
+        stats = {
+            "meta_loss": jnp.mean(out.losses),
+            "resets": jnp.sum(out.resets),
+            "diverged_pairs": jnp.sum(~ok),
+        }
+        return grad_sum, particles, accum, stats
+
     def estimate(
         self, state: PESState, theta: Any, key: jax.Array
     ) -> tuple[Any, PESState, dict[str, jax.Array]]:
         """One window of every pair: the meta-gradient estimate, new state and metrics."""
-        n, two_sigma_sq = self.pairs_per_group, 2.0 * self.sigma**2
-        grads, particles, accums, stats = [], [], [], []
-        for g, problem in enumerate(self.problems):
-            k_eps, k_unroll = jax.random.split(jax.random.fold_in(key, g))
-            eps = _normal_like(k_eps, theta, n, self.sigma)
-            xi = jax.tree.map(jnp.add, state.accum[g], eps)
-            unroll = jax.vmap(unroll_window, in_axes=(None, 0, 0, 0, None))
-            parts, out = unroll(
-                problem, _pair_thetas(theta, eps), state.particles[g],
-                jax.random.split(k_unroll, n), self.schedule,
-            )
-            # out.losses: [pairs, K, 2]; mean-over-window objective, split at a reset.
-            diff = (out.losses[..., 0] - out.losses[..., 1]) / self.schedule.window
-            seg = jax.vmap(type(out).segment)(out)
-            before = jnp.sum(jnp.where(seg == 0, diff, 0.0), axis=1)
-            after = jnp.sum(jnp.where(seg > 0, diff, 0.0), axis=1)
-            ok = jnp.all(out.finite, axis=(1, 2))
-            before, after = jnp.where(ok, before, 0.0), jnp.where(ok, after, 0.0)
-            grads.append(
-                jax.tree.map(
-                    lambda x, e: (_bcast(before, x) * x + _bcast(after, e) * e).sum(0)
-                    / two_sigma_sq,
-                    xi,
-                    eps,
-                )
-            )
-            crossed = jnp.any(out.resets, axis=1)
-            accums.append(jax.tree.map(lambda x, e: jnp.where(_bcast(crossed, x), e, x), xi, eps))
-            particles.append(parts)
-            stats.append(
-                (jnp.mean(out.losses), jnp.sum(out.resets), jnp.sum(~ok))
-            )
-        total = n * len(self.problems)
-        grad = jax.tree.map(lambda *gs: sum(gs) / total, *grads)
+        results = [
+            self._group(p, theta, state.particles[g], state.accum[g], jax.random.fold_in(key, g))
+            for g, p in enumerate(self.problems)
+        ]
+        total = self.pairs_per_group * len(self.problems)
+        grad = jax.tree.map(lambda *gs: sum(gs) / total, *[r[0] for r in results])
+        stats = [r[3] for r in results]
         metrics = {
-            "meta_loss": jnp.mean(jnp.stack([s[0] for s in stats])),
-            "resets": sum(s[1] for s in stats),
-            "diverged_pairs": sum(s[2] for s in stats),
+            "meta_loss": jnp.mean(jnp.stack([s["meta_loss"] for s in stats])),
+            "resets": sum(s["resets"] for s in stats),
+            "diverged_pairs": sum(s["diverged_pairs"] for s in stats),
         }
-        return grad, PESState(tuple(particles), tuple(accums)), metrics
+        new_state = PESState(tuple(r[1] for r in results), tuple(r[2] for r in results))
+        return grad, new_state, metrics
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tasks.classification import ACTIVATIONS, ClassificationTask, TaskHParams, mlp_task
+from tasks.datasets import Dataset, load_dataset
 from tasks.device_data import to_device
 
 
@@ -55,23 +58,49 @@ class MLPFamilyConfig:
             raise ValueError(f"init_scale must satisfy 0 < low <= high, got {self.init_scale}")
 
 
+@dataclasses.dataclass(frozen=True)
+class HParamSampler:
+    """Samples `TaskHParams`; a value-compared static, so equal families share compiles."""
+
+    num_activations: int
+    num_datasets: int
+    init_scale: tuple[float, float]
+
+    def __call__(self, key: jax.Array) -> TaskHParams:
+        k1, k2, k3 = jax.random.split(key, 3)
+        lo, hi = np.log(self.init_scale[0]), np.log(self.init_scale[1])
+        return TaskHParams(
+            activation=jax.random.randint(k1, (), 0, self.num_activations),
+            dataset=jax.random.randint(k2, (), 0, self.num_datasets),
+            init_scale=jnp.exp(jax.random.uniform(k3, (), minval=lo, maxval=hi)),
+        )
+
+
 class MLPTaskFamily:
     """Samples MLP classification tasks; see `MLPFamilyConfig`."""
 
-    def __init__(self, config: MLPFamilyConfig):
-        from tasks.datasets import load_dataset  # noqa: PLC0415 - keeps import light
+    def __init__(self, config: MLPFamilyConfig, datasets: Sequence[Dataset] | None = None):
+        """Loads the family's datasets (or takes already loaded ones) onto the device.
 
+        Args:
+          config: the family.
+          datasets: optional already loaded datasets, used instead of `config.datasets`.
+        """
         self.config = config
-        loaded = [
-            load_dataset(
-                name,
-                config.data_dir or None,
-                resolution=config.resolution or None,
-                grayscale=config.grayscale,
-                valid_size=config.valid_size,
-            )
-            for name in config.datasets
-        ]
+        loaded = (
+            list(datasets)
+            if datasets is not None
+            else [
+                load_dataset(
+                    name,
+                    config.data_dir or None,
+                    resolution=config.resolution or None,
+                    grayscale=config.grayscale,
+                    valid_size=config.valid_size,
+                )
+                for name in config.datasets
+            ]
+        )
         # Datasets of one input shape and class count share a device array (traced choice).
         groups: dict[tuple, list] = {}
         for ds in loaded:
@@ -79,18 +108,13 @@ class MLPTaskFamily:
             groups.setdefault(key, []).append(ds)
         self.dataset_groups = [[d.name for d in g] for g in groups.values()]
         datas = [(to_device([d.splits for d in g]), g[0].num_classes) for g in groups.values()]
-        self.templates: list[ClassificationTask] = [
-            mlp_task(data, hidden, nc, batch_size=bs, activations=config.activations)
-            for (data, nc), hidden, bs in itertools.product(
-                datas, config.hidden_sizes, config.batch_sizes
-            )
-        ]
-        self._num_datasets = [
-            len(g)
-            for g, _, _ in itertools.product(
-                self.dataset_groups, config.hidden_sizes, config.batch_sizes
-            )
-        ]
+        self.templates: list[ClassificationTask] = []
+        self._template_shapes: list[tuple[list[str], tuple[int, ...]]] = []
+        for (data, nc), names in zip(datas, self.dataset_groups, strict=True):
+            for hidden, bs in itertools.product(config.hidden_sizes, config.batch_sizes):
+                task = mlp_task(data, hidden, nc, batch_size=bs, activations=config.activations)
+                self.templates.append(task)
+                self._template_shapes.append((names, tuple(hidden)))
 
     @property
     def num_templates(self) -> int:
@@ -100,15 +124,17 @@ class MLPTaskFamily:
         """Picks a shape (a template index) from a key; a Python int."""
         return int(jax.random.randint(key, (), 0, self.num_templates))
 
+    def hparam_sampler(self, template: int) -> HParamSampler:
+        """The traceable sampler of template `template`'s numbers (compared by value)."""
+        return HParamSampler(
+            len(self.config.activations),
+            len(self._template_shapes[template][0]),
+            self.config.init_scale,
+        )
+
     def sample_hparams(self, key: jax.Array, template: int) -> TaskHParams:
         """Samples the traced numbers of a task of template `template` (jit/vmap-safe)."""
-        k1, k2, k3 = jax.random.split(key, 3)
-        lo, hi = np.log(self.config.init_scale[0]), np.log(self.config.init_scale[1])
-        return TaskHParams(
-            activation=jax.random.randint(k1, (), 0, len(self.config.activations)),
-            dataset=jax.random.randint(k2, (), 0, self._num_datasets[template]),
-            init_scale=jnp.exp(jax.random.uniform(k3, (), minval=lo, maxval=hi)),
-        )
+        return self.hparam_sampler(template)(key)
 
     def sample(self, key: jax.Array) -> ClassificationTask:
         """Samples a whole task (shape and numbers), e.g. a held-out evaluation task."""
@@ -119,13 +145,13 @@ class MLPTaskFamily:
         k1, k2 = jax.random.split(key)
         t = self.sample_template(k1)
         hp = self.sample_hparams(k2, t)
-        group = self.dataset_groups[t // (len(self.config.hidden_sizes) * len(self.config.batch_sizes))]
+        names, hidden = self._template_shapes[t]
         info = {
             "template": t,
-            "dataset": group[int(hp.dataset)],
+            "dataset": names[int(hp.dataset)],
             "activation": self.config.activations[int(hp.activation)],
             "init_scale": round(float(hp.init_scale), 4),
             "batch_size": self.templates[t].batch_size,
-            "hidden_sizes": list(self.config.hidden_sizes[(t // len(self.config.batch_sizes)) % len(self.config.hidden_sizes)]),
+            "hidden_sizes": list(hidden),
         }
         return self.templates[t].replace(hp=hp), info

@@ -1,0 +1,578 @@
+"""Checkpoints of meta-training: meta-parameters, the full training state and the config.
+
+A checkpoint directory holds one orbax step folder per saved outer step, each with four items:
+
+* ``theta``: the meta-parameters (a pytree of arrays);
+* ``state``: everything else needed to resume (outer optimizer state, particle states, raw
+  ``uint32`` PRNG key data, step counters, ...);
+* ``config``: the run configuration as a JSON dict;
+* ``manifest``: for every array leaf its path, shape, dtype and SHA-256 digest, so that a
+  restore can name the leaf that does not fit and never returns silently corrupted values.
+
+Saves are synchronous and atomic (orbax writes ``N.orbax-checkpoint-tmp/`` and renames it), so a
+run killed mid-save leaves the earlier steps intact and the half-written folder is ignored:
+
+    ckpt = Checkpointer("runs/x/checkpoints", max_to_keep=3)
+    ckpt.save(step, theta, state, config.to_dict())
+    theta, state, saved_config = ckpt.restore(jax.eval_shape(lambda: theta),
+                                              jax.eval_shape(lambda: state))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "RESUME_MUTABLE_KEYS",
+    "CheckpointError",
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "ConfigMismatchError",
+    "check_compatible",
+    "load_theta",
+]
+
+RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
+    {
+        "meta.outer_steps",
+        "run.checkpoint_every",
+        "run.log_every",
+        "run.wandb_mode",
+        "run.wandb_project",
+        "run.max_to_keep",
+        "eval.*",
+    }
+)
+"""Config keys (``section.key``; ``section.*`` for a whole section) that may change on resume."""
+
+_MANIFEST_VERSION = 1
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_TREE_ITEMS = ("theta", "state")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the requested structure."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A saved step cannot be read back or its values fail their checksum."""
+
+
+class ConfigMismatchError(ValueError):
+    """The current config differs from a checkpoint's in keys that cannot change on resume.
+
+    Attributes:
+      differences: ``(key, saved_value, current_value)`` for every offending key.
+    """
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]]):
+        super().__init__(message)
+        self.differences = differences
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Registering every item lets us restore a subset (e.g. only the manifest) without orbax
+    # warning about items it "could not restore".
+    return {
+        "theta": ocp.StandardCheckpointHandler(),
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "manifest": ocp.JsonCheckpointHandler(),
+    }
+
+
+def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        # Rotation is done by `Checkpointer.save` only after a save succeeded: orbax deletes old
+        # steps in its finalize step even when the new one failed to commit.
+        max_to_keep=None,
+        create=create,
+        # Synchronous saves raise their errors in `save` and never leave a half-registered step.
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def _key_token(entry: Any) -> str:
+    """One path entry as a plain string: NamedTuple fields and dict keys compare equal."""
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def _leaves(tree: Any) -> list[tuple[tuple[str, ...], str, Any]]:
+    """`(tokens, display_path, leaf)` for every leaf of `tree`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(tuple(_key_token(k) for k in path), jax.tree_util.keystr(path), x) for path, x in flat]
+
+
+def _digest(x: Any) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def _is_prng_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _to_arrays(tree: Any, item: str) -> Any:
+    """Converts every leaf to a jax array so leaves restore with the dtypes `eval_shape` gives."""
+
+    def convert(path, x):
+        where = f"{item}{jax.tree_util.keystr(path)}"
+        if _is_prng_key(x):
+            raise TypeError(
+                f"{where} is a typed PRNG key array; save jax.random.key_data(key) instead and "
+                "rebuild it with jax.random.wrap_key_data after restoring"
+            )
+        try:
+            return jnp.asarray(x)
+        except TypeError as e:
+            raise TypeError(f"{where}: cannot be saved as an array ({type(x).__name__})") from e
+
+    return jax.tree_util.tree_map_with_path(convert, tree)
+
+
+def _manifest_entries(tree: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": display,
+            "keys": list(tokens),
+            "shape": list(x.shape),
+            "dtype": str(x.dtype),
+            "sha256": _digest(x),
+        }
+        for tokens, display, x in _leaves(tree)
+    ]
+
+
+def _as_abstract(tree: Any) -> Any:
+    """Abstract target: `ShapeDtypeStruct`s stay, arrays and scalars become their structs."""
+
+    def convert(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if _is_prng_key(x):
+            raise TypeError("typed PRNG keys are not stored; use jax.random.key_data shapes")
+        dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+        return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(dtype))
+
+    return jax.tree.map(convert, tree)
+
+
+def _fmt_leaf(entry: Mapping[str, Any]) -> str:
+    return f"shape {tuple(entry['shape'])} {entry['dtype']}"
+
+
+def _check_target(entries: list[dict[str, Any]], target: Any, item: str, where: str) -> None:
+    """Raises `CheckpointError` listing every leaf where `target` does not fit the manifest."""
+    saved = {tuple(e["keys"]): e for e in entries}
+    wanted = {
+        tokens: (display, {"shape": list(x.shape), "dtype": str(x.dtype)})
+        for tokens, display, x in _leaves(target)
+    }
+    problems = []
+    for tokens, (display, want) in wanted.items():
+        have = saved.get(tokens)
+        if have is None:
+            problems.append(f"{item}{display}: expected by the target but not in the checkpoint")
+        elif have["shape"] != want["shape"] or have["dtype"] != want["dtype"]:
+            problems.append(
+                f"{item}{display}: checkpoint has {_fmt_leaf(have)}, target expects "
+                f"{_fmt_leaf(want)}"
+            )
+    for tokens, have in saved.items():
+        if tokens not in wanted:
+            problems.append(f"{item}{have['path']}: in the checkpoint but not in the target")
+    if problems:
+        shown = problems[:10]
+        if len(problems) > 10:
+            shown.append(f"... and {len(problems) - 10} more")
+        raise CheckpointError(
+            f"checkpoint {where} does not match the requested {item} structure:\n  "
+            + "\n  ".join(shown)
+        )
+
+
+def _verify(entries: list[dict[str, Any]], tree: Any, item: str, where: str) -> None:
+    """Raises `CheckpointError` unless every restored leaf has its saved shape, dtype and digest."""
+    saved = {tuple(e["keys"]): e for e in entries}
+    restored = _leaves(tree)
+    if len(restored) != len(saved):
+        raise CorruptCheckpointError(
+            f"checkpoint {where} is corrupt: {item} restored {len(restored)} leaves, the manifest "
+            f"lists {len(saved)}"
+        )
+    for tokens, display, x in restored:
+        entry = saved.get(tokens)
+        if entry is None:
+            raise CorruptCheckpointError(
+                f"checkpoint {where} is corrupt: {item}{display} is not in its manifest"
+            )
+        x = np.asarray(x)
+        if list(x.shape) != entry["shape"] or str(x.dtype) != entry["dtype"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {where} is corrupt: {item}{display} restored as shape {x.shape} "
+                f"{x.dtype}, saved as {_fmt_leaf(entry)}"
+            )
+        if _digest(x) != entry["sha256"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {where} is corrupt: the values of {item}{display} differ from the "
+                "saved ones (checksum mismatch)"
+            )
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    # tensorstore errors embed a whole JSON spec; the first line's head is what matters.
+    text = str(e).strip().splitlines()
+    line = (text[0] if text else "").split(" See full TensorStore details")[0]
+    return f"{type(e).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+
+
+def _describe(directory: str) -> str:
+    """What a directory holds, for error messages."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as e:
+        return f"cannot list it ({e.strerror})"
+    if not names:
+        return "it is empty"
+    parts = []
+    for name in names[:20]:
+        path = os.path.join(directory, name)
+        if name.endswith(_TMP_SUFFIX):
+            parts.append(f"{name} (interrupted save, ignored)")
+        elif os.path.isdir(path) and any(n.isdigit() for n in _safe_listdir(path)):
+            parts.append(f"{name}/ (holds step folders: is this the checkpoint directory?)")
+        else:
+            parts.append(name + ("/" if os.path.isdir(path) else ""))
+    if len(names) > 20:
+        parts.append(f"... {len(names) - 20} more")
+    return "found: " + ", ".join(parts)
+
+
+def _safe_listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _restore_items(
+    mgr: ocp.CheckpointManager, step: int, where: str, **items: ocp.args.CheckpointArgs
+) -> Any:
+    try:
+        return mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax/tensorstore raise many types; all mean "unreadable" here
+        raise CorruptCheckpointError(
+            f"cannot read {', '.join(items)} of checkpoint {where} ({_first_line(e)}); the step "
+            "folder is incomplete or corrupt"
+        ) from e
+
+
+def _read_manifest(mgr: ocp.CheckpointManager, step: int, where: str) -> dict[str, Any]:
+    manifest = _restore_items(mgr, step, where, manifest=ocp.args.JsonRestore()).manifest
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("version") != _MANIFEST_VERSION
+        or not all(isinstance(manifest.get(k), list) for k in _TREE_ITEMS)
+    ):
+        raise CorruptCheckpointError(f"checkpoint {where} has an invalid manifest")
+    return manifest
+
+
+def _pick_step(mgr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+    steps = sorted(mgr.all_steps())
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {directory}: {_describe(directory)}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
+    return step
+
+
+# --------------------------------------------------------------------------------- public API
+
+
+class Checkpointer:
+    """Saves and restores meta-training checkpoints in one directory.
+
+    Args:
+      directory: checkpoint directory (created if missing).
+      max_to_keep: the newest this many steps are kept; older ones are deleted after a save
+        succeeds (None keeps all).
+    """
+
+    def __init__(self, directory: str, max_to_keep: int | None = 3):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep = max_to_keep
+        self._mgr = _manager(self.directory, create=True)
+        self._closed = False
+
+    def _where(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, theta: Any, state: Any, config: dict) -> None:
+        """Writes checkpoint `step`; returns once it is complete on disk.
+
+        Args:
+          step: outer step; must be larger than every step already saved (nothing is
+            overwritten).
+          theta: meta-parameters (pytree of arrays).
+          state: the rest of the training state (pytree of arrays and scalars; PRNG keys as
+            raw ``uint32`` key data).
+          config: the run configuration, JSON-serialisable.
+
+        Raises:
+          CheckpointError: the step exists or precedes the latest one, or writing failed (the
+            earlier steps are untouched).
+          TypeError: a leaf cannot be stored or the config is not JSON-serialisable.
+          ValueError: a bad step, or theta or state holds no arrays.
+        """
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        step = int(step)
+        # Validate everything before touching the disk.
+        try:
+            config = json.loads(json.dumps(config))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"config is not JSON-serialisable: {e}") from e
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        theta = _to_arrays(theta, "theta")
+        state = _to_arrays(state, "state")
+        for item, tree in (("theta", theta), ("state", state)):
+            if not jax.tree.leaves(tree):  # orbax cannot save an item without arrays
+                raise ValueError(f"{item} holds no arrays; there is nothing to checkpoint")
+        manifest = {
+            "version": _MANIFEST_VERSION,
+            "step": step,
+            "theta": _manifest_entries(theta),
+            "state": _manifest_entries(state),
+        }
+
+        self._mgr.reload()
+        latest = self._mgr.latest_step()
+        if latest is not None and step <= latest:
+            raise CheckpointError(
+                f"refusing to save step {step} in {self.directory}: step {latest} is already "
+                "saved and checkpoints are never overwritten"
+            )
+        try:
+            saved = self._mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    theta=ocp.args.StandardSave(theta),
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(config),
+                    manifest=ocp.args.JsonSave(manifest),
+                ),
+            )
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            # Re-read the disk so the manager only lists committed steps.
+            self._mgr.reload()
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed ({_first_line(e)}); earlier "
+                "checkpoints are untouched"
+            ) from e
+        if not saved or not os.path.isdir(self._where(step)):
+            self._mgr.reload()
+            raise CheckpointError(f"orbax did not write step {step} in {self.directory}")
+
+        if self.max_to_keep is not None:
+            for old in sorted(self._mgr.all_steps())[: -self.max_to_keep]:
+                self._mgr.delete(old)
+
+    def all_steps(self) -> list[int]:
+        """Returns the saved steps on disk, ascending."""
+        self._mgr.reload()  # another process (the trainer) may have written since
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Returns the newest saved step on disk, or None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(
+        self, abstract_theta: Any, abstract_state: Any, step: int | None = None
+    ) -> tuple[Any, Any, dict]:
+        """Restores a checkpoint into the structure of the abstract trees.
+
+        Args:
+          abstract_theta: tree of `jax.ShapeDtypeStruct` (e.g. from `jax.eval_shape`) or arrays
+            with the structure, shapes and dtypes of theta; NamedTuples come back as such.
+          abstract_state: the same for the state.
+          step: which step; defaults to the latest.
+
+        Returns:
+          `(theta, state, config)`.
+
+        Raises:
+          CheckpointError: no such (complete) step, the trees do not match the saved ones
+            (the message names each leaf), or the files are corrupt.
+        """
+        self._mgr.reload()
+        step = _pick_step(self._mgr, self.directory, step)
+        where = self._where(step)
+        abstract_theta = _as_abstract(abstract_theta)
+        abstract_state = _as_abstract(abstract_state)
+        try:
+            manifest = _read_manifest(self._mgr, step, where)
+            _check_target(manifest["theta"], abstract_theta, "theta", where)
+            _check_target(manifest["state"], abstract_state, "state", where)
+            out = _restore_items(
+                self._mgr,
+                step,
+                where,
+                theta=ocp.args.StandardRestore(abstract_theta),
+                state=ocp.args.StandardRestore(abstract_state),
+                config=ocp.args.JsonRestore(),
+            )
+            _verify(manifest["theta"], out.theta, "theta", where)
+            _verify(manifest["state"], out.state, "state", where)
+        except CorruptCheckpointError as e:
+            # No silent fallback: resuming from an older step must be the user's choice.
+            earlier = [s for s in self._mgr.all_steps() if s < step]
+            if not earlier:
+                raise
+            raise CorruptCheckpointError(
+                f"{e}\nEarlier steps on disk: {sorted(earlier)}; restore one with step=..., or "
+                f"move {where} aside to resume from step {max(earlier)}."
+            ) from e
+        return out.theta, out.state, out.config
+
+    def close(self) -> None:
+        """Releases orbax's resources; the checkpointer cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._mgr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
+    """Loads meta-parameters and config from a checkpoint directory alone.
+
+    No abstract target is needed: theta comes back as nested dicts of arrays (what flax params
+    are); NamedTuples in theta would come back as dicts.
+
+    Args:
+      directory: a checkpoint directory written by `Checkpointer`.
+      step: which step; defaults to the latest.
+
+    Returns:
+      `(theta, config)`.
+
+    Raises:
+      CheckpointError: the directory holds no complete checkpoint (the message lists what it
+        found) or the checkpoint is corrupt.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    mgr = _manager(directory, create=False)
+    try:
+        step = _pick_step(mgr, directory, step)
+        where = os.path.join(directory, str(step))
+        manifest = _read_manifest(mgr, step, where)
+        out = _restore_items(
+            mgr, step, where, theta=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
+        )
+        _verify(manifest["theta"], out.theta, "theta", where)
+        return out.theta, out.config
+    finally:
+        mgr.close()
+
+
+def _flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _normalise(value: Any) -> Any:
+    # JSON turns tuples into lists; a restored config must equal the tuple-valued original.
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+def _is_mutable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUME_MUTABLE_KEYS)
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "<missing>"
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _unwrap(value: Any) -> Any:
+    return None if value is _MISSING else value
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Checks that a run may resume from a checkpoint written with config `saved`.
+
+    Args:
+      saved: the checkpoint's config, ``{section: {key: value}}``.
+      current: the config of the resuming run.
+
+    Raises:
+      ConfigMismatchError: a key outside `RESUME_MUTABLE_KEYS` differs (lists and tuples
+        compare alike); the message lists each as ``section.key: saved X, now Y``.
+    """
+    old, new = _flatten_config(saved), _flatten_config(current)
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        same = a is not _MISSING and b is not _MISSING and _normalise(a) == _normalise(b)
+        if not same and not _is_mutable(key):
+            differences.append((key, a, b))
+    if differences:
+        lines = [f"{k}: saved {_show(a)}, now {_show(b)}" for k, a, b in differences]
+        raise ConfigMismatchError(
+            "the config differs from the checkpoint's in keys that cannot change on resume "
+            f"(only {', '.join(sorted(RESUME_MUTABLE_KEYS))} may):\n  " + "\n  ".join(lines),
+            [(k, _unwrap(a), _unwrap(b)) for k, a, b in differences],
+        )

@@ -1,0 +1,152 @@
+"""The main job: meta-train a learned optimizer, then evaluate it against tuned Adam.
+
+    python -m meta_train.main --config configs/default.toml [--resume] [section.key=value ...]
+
+Writes into `run.out_dir`: `config.json` (the resolved config), `checkpoints/` (orbax),
+`metrics.jsonl` and `wandb/` (offline by default), and `eval/` (results.json, results.md,
+curves.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from meta_train.build import Run, build_run
+from meta_train.checkpoint import Checkpointer, check_compatible, load_theta
+from meta_train.config import Config, ConfigError, load_config, save_config
+from meta_train.learner import outer_step
+from meta_train.logging import ProgressBar, RunLogger
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m meta_train.main", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--config", default=None, help="TOML run configuration (default: built-in defaults)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint"
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after meta-training")
+    p.add_argument("overrides", nargs="*", help="config overrides: section.key=value")
+    return p.parse_args(argv)
+
+
+def _restore(run: Run, ckpt: Checkpointer, step: int):
+    """Restores a learner state after checking the saved config is compatible."""
+    _, saved_config = load_theta(ckpt.directory, step)
+    check_compatible(saved_config, run.config.to_dict())
+    abstract = run.abstract_state()
+    theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
+    return rest.replace(theta=theta)
+
+
+def meta_train(run: Run, *, resume: bool = False, stream=None):
+    """Runs (or resumes) meta-training.
+
+    Args:
+      run: the run's pieces (see `meta_train.build`).
+      resume: continue from the last complete checkpoint in `run.out_dir`.
+      stream: where the progress line goes (stderr by default).
+
+    Returns:
+      The final learner state and the last logged metrics.
+    """
+    cfg, m = run.config, run.config.meta
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(str(out / "checkpoints"), max_to_keep=cfg.run.max_to_keep)
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        ckpt.close()
+        raise ConfigError(
+            f"{out} already holds checkpoints (latest step {latest}); pass --resume to continue "
+            "it, or choose another run.out_dir (nothing was overwritten)"
+        )
+    if latest is not None:
+        state = _restore(run, ckpt, latest)
+        print(f"resumed from outer step {int(state.step)}", file=stream or sys.stderr)
+    else:
+        state = run.init_state()
+    save_config(cfg, out / "config.json")
+
+    logger = RunLogger(
+        str(out),
+        cfg.to_dict(),
+        mode=cfg.run.wandb_mode,
+        project=cfg.run.wandb_project,
+        name=cfg.run.name,
+        resume=resume,
+    )
+    start, total = int(state.step), m.outer_steps
+    bar = ProgressBar(total, initial=start, stream=stream)
+    inner_per_outer = 2 * m.num_pairs * m.window
+    metrics: dict = {}
+    try:
+        t_log, logged_at = time.perf_counter(), start
+        for step in range(start, total):
+            state, metrics = outer_step(run.estimator, state, run.outer_opt)
+            done = step + 1
+            if step == start:  # the first call compiled: keep it out of the throughput
+                jax.block_until_ready(metrics)
+                logger.summary({"compile_and_first_step_s": time.perf_counter() - t_log})
+                t_log, logged_at = time.perf_counter(), done
+            if done % cfg.run.log_every == 0 or done == total:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                if done > logged_at:
+                    metrics["inner_steps_per_s"] = (
+                        (done - logged_at) * inner_per_outer / max(now - t_log, 1e-9)
+                    )
+                t_log, logged_at = now, done
+                logger.log(done, metrics)
+                bar.update(done - bar.n, meta_loss=metrics["meta_loss"])
+            if done % cfg.run.checkpoint_every == 0 or done == total:
+                ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
+    finally:
+        bar.close()
+        logger.finish()
+        ckpt.close()
+    return state, metrics
+
+
+def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
+    """Evaluates the learned optimizer against tuned Adam on held-out tasks."""
+    from evaluate.suite import run_suite  # noqa: PLC0415 - matplotlib only when needed
+    from lopt.export import as_optax  # noqa: PLC0415
+
+    cfg = run.config
+    horizon = cfg.eval.num_steps or cfg.meta.max_episode_len
+    learned = {"learned (PES)": lambda n: as_optax(run.lopt, theta, n)}
+    return run_suite(run.family, learned, cfg.eval, run.held_out_key(), str(out_dir), horizon)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config: Config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    run = build_run(config)
+    state, _ = meta_train(run, resume=args.resume)
+    t_train = time.perf_counter() - t0
+    print(f"meta-training: {int(state.step)} outer steps in {t_train:.0f} s", file=sys.stderr)
+    if not args.no_eval:
+        out = Path(config.run.out_dir) / "eval"
+        results = evaluate_run(run, state.theta, out)
+        print(results["table"])
+        print(f"\nresults: {out}/results.json, {out}/results.md, {out}/curves.png")
+    print(f"total wall time {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

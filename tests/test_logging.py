@@ -1,0 +1,180 @@
+"""Tests of meta_train.logging: offline wandb runs, metrics files and the progress line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meta_train.logging as mlog
+from meta_train.logging import ProgressBar, RunLogger, read_metrics
+
+CONFIG = {"meta": {"window": 20, "sigma": 0.01}, "run": {"name": "t"}}
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """No credentials, no real home, and a dead server address in case anything tried."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in [v for v in os.environ if v.startswith("WANDB_") and v != "WANDB_SERVICE"]:
+        monkeypatch.delenv(var)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)  # undo restores what RunLogger sets
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setattr(mlog, "_ENV_SET_HERE", {})
+    return home
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_offline_run_writes_metrics_and_wandb_folder(tmp_path, isolated_env):
+    out = tmp_path / "run"
+    logger = RunLogger(str(out), CONFIG, mode="offline", name="test-run")
+    logger.log(0, {"meta_loss": jnp.float32(2.5), "grad_norm": np.float64(0.25)})
+    logger.log(10, {"meta_loss": jnp.asarray([1.5]), "inner_steps": np.int64(200), "lr": 3})
+    logger.summary({"final_meta_loss": jnp.float32(1.5), "best_step": 10})
+    logger.finish()
+    logger.finish()  # idempotent
+
+    assert read_lines(out / "metrics.jsonl") == [
+        {"step": 0, "meta_loss": 2.5, "grad_norm": 0.25},
+        {"step": 10, "meta_loss": 1.5, "inner_steps": 200.0, "lr": 3.0},
+    ]
+    assert json.loads((out / "summary.json").read_text()) == {
+        "final_meta_loss": 1.5,
+        "best_step": 10.0,
+    }
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))
+    # Nothing went to the home directory; wandb's cache and settings stay in the run folder.
+    assert list(isolated_env.iterdir()) == []
+    assert os.environ["WANDB_CACHE_DIR"].startswith(str(out))
+
+
+def test_resume_appends_and_reuses_the_run_id(tmp_path, isolated_env):
+    out = tmp_path / "run"
+    with RunLogger(str(out), CONFIG) as logger:
+        run_id = logger.run.id
+        logger.log(1, {"loss": 3.0})
+        logger.log(2, {"loss": 2.0})
+    with RunLogger(str(out), CONFIG, resume=True) as logger:
+        assert logger.run.id == run_id
+        logger.log(2, {"loss": 1.9})  # re-done after restoring the checkpoint of step 1
+        logger.log(3, {"loss": 1.0})
+    assert [r["step"] for r in read_lines(out / "metrics.jsonl")] == [1, 2, 2, 3]
+    assert read_metrics(str(out)) == [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 1.9},
+        {"step": 3, "loss": 1.0},
+    ]
+
+
+def test_disabled_mode_starts_no_wandb(tmp_path, isolated_env):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n')  # an earlier run
+    (out / "summary.json").write_text('{"old": 1}\n')
+    logger = RunLogger(str(out), CONFIG, mode="disabled")
+    assert logger.run is None
+    logger.log(5, {"loss": jnp.float32(0.5)})
+    logger.summary({"loss": 0.5})
+    logger.finish()
+    assert not (out / "wandb").exists()
+    assert "WANDB_DIR" not in os.environ
+    assert read_lines(out / "metrics.jsonl") == [{"step": 5, "loss": 0.5}]
+    # A fresh run moves the old metrics aside instead of deleting them.
+    assert read_lines(out / "metrics.jsonl.1") == [{"step": 0, "loss": 9.0}]
+    assert json.loads((out / "summary.json").read_text()) == {"loss": 0.5}
+    assert json.loads((out / "summary.json.1").read_text()) == {"old": 1}
+
+
+def test_bad_arguments(tmp_path, isolated_env):
+    with pytest.raises(ValueError, match="wandb mode"):
+        RunLogger(str(tmp_path), CONFIG, mode="cloud")
+    logger = RunLogger(str(tmp_path), CONFIG, mode="disabled")
+    with pytest.raises(TypeError, match="'hist'.*scalar"):
+        logger.log(1, {"hist": np.ones(3)})
+    with pytest.raises(TypeError, match="'name'"):
+        logger.log(1, {"name": "x"})
+    logger.finish()
+
+
+def test_online_without_login_fails_fast_with_advice(tmp_path, isolated_env):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"wandb login.*run\.wandb_mode=offline"):
+        RunLogger(str(tmp_path / "run"), CONFIG, mode="online")
+    assert time.monotonic() - start < 20
+
+
+# --------------------------------------------------------------------------- ProgressBar
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_non_tty_prints_full_lines_rarely():
+    clock, stream = FakeClock(), io.StringIO()
+    bar = ProgressBar(500, initial=100, stream=stream, print_every=10, clock=clock)
+    clock.now = 5.0
+    bar.update(20, meta_loss=jnp.float32(1.5))
+    assert stream.getvalue() == ""  # nothing before print_every seconds
+    clock.now = 10.0
+    bar.update(20, meta_loss=1.2345678)
+    assert stream.getvalue() == (
+        "meta-train [##........] 140/500 outer steps | 4.0 it/s | ETA 1m30s | meta-loss 1.235\n"
+    )
+    clock.now = 12.5
+    bar.update(10, meta_loss=1.0, grad_norm=0.5)
+    bar.close()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[1] == (
+        "meta-train [###.......] 150/500 outer steps | 4.0 it/s | ETA 1m28s | "
+        "meta-loss 1 | grad-norm 0.5"
+    )
+    assert "\r" not in stream.getvalue()
+
+
+def test_progress_bar_tty_redraws_in_place():
+    clock, stream = FakeClock(), FakeTTY()
+    bar = ProgressBar(4, stream=stream, desc="demo", unit="steps", clock=clock)
+    clock.now = 20.0
+    bar.update(1)
+    clock.now = 40.0
+    bar.update(1, loss=float("nan"))
+    bar.close()
+    text = stream.getvalue()
+    assert text.startswith("\rdemo [##........] 1/4 steps | 20.0 s/it | ETA 1m00s")
+    assert "\rdemo [#####.....] 2/4 steps | 20.0 s/it | ETA 40s | loss nan" in text
+    assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_progress_bar_before_any_step():
+    stream = io.StringIO()
+    bar = ProgressBar(10, stream=stream, clock=FakeClock())
+    assert bar.format() == "meta-train [..........] 0/10 outer steps | ? it/s | ETA ?"
+    bar.close()
+    assert stream.getvalue() == bar.format() + "\n"
