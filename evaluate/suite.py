@@ -51,6 +51,9 @@ _FINAL_KEYS = (
     "final_test_accuracy",
 )
 ADAM = "adam"
+# Adam with its learning rate chosen on final training loss: the fair baseline when a
+# learned optimizer was meta-trained on training loss.
+ADAM_TRAIN = "adam_train"
 
 
 def eval_steps(num_steps: int, eval_every: int) -> list[int]:
@@ -224,12 +227,15 @@ def tune_adam(
     lrs = jnp.asarray(lrs, jnp.float32)
     grid = jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(lrs)
     best, score = select_lr(grid["final_valid_loss"], grid["diverged"])
+    best_train, _ = select_lr(grid["final_train_loss"], grid["diverged"])
     return {
         "grid": grid,
         "score": score,
         "best_index": best,
         "best_lr": lrs[best],
         "best": jax.tree.map(lambda x: x[best], grid),
+        "best_train_index": best_train,
+        "best_train": jax.tree.map(lambda x: x[best_train], grid),
         "all_diverged": jnp.all(jnp.isinf(score)),
     }
 
@@ -274,8 +280,9 @@ def run_suite(
       seeds of every final metric, diverged count), `tasks` (per task: info, per optimizer
       per-seed numbers and curves, Adam's whole grid), and `table` (markdown).
     """
-    if ADAM in learned:
-        raise ValueError(f"{ADAM!r} is reserved for the tuned Adam baseline; rename it")
+    for reserved in (ADAM, ADAM_TRAIN):
+        if reserved in learned:
+            raise ValueError(f"{reserved!r} is reserved for the tuned Adam baseline; rename it")
     num_steps = int(config.num_steps) or int(horizon)
     if not config.adam_lrs:
         raise ValueError("config.adam_lrs is empty")
@@ -352,7 +359,7 @@ def _fmt_lr(lr: float) -> str:
 
 
 def _assemble(tasks, raw, learned_names, config: EvalConfig, num_steps: int) -> dict[str, Any]:
-    names = [*learned_names, ADAM]
+    names = [*learned_names, ADAM, ADAM_TRAIN]
     per_task = []
     for (_, info), (runs, seconds) in zip(tasks, raw, strict=True):
         adam = runs[ADAM]
@@ -382,15 +389,26 @@ def _assemble(tasks, raw, learned_names, config: EvalConfig, num_steps: int) -> 
                 for j, lr in enumerate(config.adam_lrs)
             ],
         }
+        best_train = int(adam["best_train_index"])
+        entry["optimizers"][ADAM_TRAIN] = {
+            "lr": float(config.adam_lrs[best_train]),
+            "lr_index": best_train,
+            "seeds": _seed_table(adam["best_train"]),
+            "summary": _summary([adam["best_train"]]),
+        }
         per_task.append(entry)
 
     summary = {n: _summary([r[n] for r, _ in raw]) for n in learned_names}
     summary[ADAM] = _summary([r[ADAM]["best"] for r, _ in raw])
+    summary[ADAM_TRAIN] = _summary([r[ADAM]["best_train"] for r, _ in raw])
     chosen = [t["optimizers"][ADAM]["lr"] for t in per_task]
     # Adam is tuned per task; the row names every chosen rate (once if they agree).
     uniq = list(dict.fromkeys(_fmt_lr(lr) for lr in chosen))
     labels = {n: n for n in learned_names}
     labels[ADAM] = f"adam (tuned, lr={', '.join(uniq)})"
+    chosen_train = [t["optimizers"][ADAM_TRAIN]["lr"] for t in per_task]
+    uniq_train = list(dict.fromkeys(_fmt_lr(lr) for lr in chosen_train))
+    labels[ADAM_TRAIN] = f"adam (tuned on train loss, lr={', '.join(uniq_train)})"
     warns = [
         f"task {i}: Adam's chosen lr {t['optimizers'][ADAM]['lr']:g} is at the edge of the grid"
         for i, t in enumerate(per_task)
@@ -453,7 +471,10 @@ def format_table(results: dict[str, Any], per_task: bool = False) -> str:
             rows = []
             for n in names:
                 opt = t["optimizers"][n]
-                label = n if n != ADAM else f"adam (tuned, lr={_fmt_lr(opt['lr'])})"
+                label = {
+                    ADAM: f"adam (tuned, lr={_fmt_lr(opt.get('lr', 0))})",
+                    ADAM_TRAIN: f"adam (tuned on train loss, lr={_fmt_lr(opt.get('lr', 0))})",
+                }.get(n, n)
                 rows.append((label, opt["summary"]))
             text += f"\n### Task {i}: {json.dumps(t['info'], sort_keys=True)}\n\n" + _markdown(rows)
     return text
@@ -474,7 +495,8 @@ def write_outputs(results: dict[str, Any], out_dir: str) -> None:
         f"# Evaluation: {cfg['num_tasks']} held-out tasks × {cfg['num_seeds']} seeds, "
         f"{cfg['num_steps']} steps\n\n"
         "Mean ± std over tasks × seeds of full-split metrics after training. Adam's learning "
-        f"rate is tuned per task over {cfg['adam_lrs']} on mean final validation loss.\n\n"
+        f"rate is tuned per task over {cfg['adam_lrs']} on mean final validation loss; the "
+        "'tuned on train loss' row picks it on final training loss instead.\n\n"
     )
     if results.get("warnings"):
         md += "".join(f"> warning: {w}\n" for w in results["warnings"]) + "\n"
@@ -523,7 +545,10 @@ def _plot_task(ax, t: dict, i: int, names: list[str], steps: np.ndarray, window:
     positive = True
     for j, name in enumerate(names):
         opt = t["optimizers"][name]
-        label = name if name != ADAM else f"adam (lr={_fmt_lr(opt['lr'])})"
+        label = {
+            ADAM: f"adam (lr={_fmt_lr(opt.get('lr', 0))})",
+            ADAM_TRAIN: f"adam, train-tuned (lr={_fmt_lr(opt.get('lr', 0))})",
+        }.get(name, name)
         ndiv = sum(opt["seeds"]["diverged"])
         if ndiv:
             label += f" [{ndiv} diverged]"

@@ -123,7 +123,7 @@ def test_run_suite_writes_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
     loaded = json.loads((tmp_path / "results.json").read_text())
-    assert loaded["optimizers"] == ["learned", "adam"]
+    assert loaded["optimizers"] == ["learned", "adam", "adam_train"]
     assert loaded["config"]["num_steps"] == 40  # config.num_steps wins over horizon
     assert len(loaded["tasks"]) == 2
     for t in loaded["tasks"]:
@@ -137,6 +137,9 @@ def test_run_suite_writes_results(tmp_path):
         assert all(len(e["seeds"]["final_valid_loss"]) == 2 for e in adam["grid"])
         best_score = min(e["score"] for e in adam["grid"] if e["score"] is not None)
         assert adam["grid"][adam["lr_index"]]["score"] == best_score
+        train_means = [sum(e["seeds"]["final_train_loss"]) for e in adam["grid"]]
+        best_train = train_means.index(min(train_means))
+        assert t["optimizers"]["adam_train"]["lr"] == adam["grid"][best_train]["lr"]
     for name in ("learned", "adam"):
         s = loaded["summary"][name]
         assert s["runs"] == 4
@@ -144,9 +147,10 @@ def test_run_suite_writes_results(tmp_path):
 
     table = res["table"]
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert len(lines) == 3  # header + one row per optimizer
+    assert len(lines) == 4  # header + one row per optimizer (learned, adam, adam_train)
     assert lines[1].startswith("| learned |")
     assert lines[2].startswith("| adam (tuned, lr=")
+    assert lines[3].startswith("| adam (tuned on train loss, lr=")
     assert "±" in lines[1] and lines[1].count(" ± ") == 4
     assert table in (tmp_path / "results.md").read_text()
     assert suite.format_table(loaded) == table
