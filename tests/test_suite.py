@@ -151,7 +151,7 @@ def test_run_suite_writes_results(tmp_path):
     assert lines[1].startswith("| learned |")
     assert lines[2].startswith("| adam (tuned, lr=")
     assert lines[3].startswith("| adam (tuned on train loss, lr=")
-    assert "±" in lines[1] and lines[1].count(" ± ") == 4
+    assert "±" in lines[1] and lines[1].count(" ± ") == 5
     assert table in (tmp_path / "results.md").read_text()
     assert suite.format_table(loaded) == table
 
