@@ -10,9 +10,9 @@ import jax
 from lopt.base import LearnedOptimizer
 from lopt.registry import make_lopt
 from meta_train.config import Config
+from meta_train.estimators import WindowObjective, make_estimator
 from meta_train.learner import init_learner, outer_optimizer
 from meta_train.lopt_problem import LOptProblem
-from meta_train.pes import PES
 from meta_train.unroll import EpisodeSchedule
 from tasks.family import MLPTaskFamily
 
@@ -28,7 +28,7 @@ class Run:
     config: Config
     family: MLPTaskFamily
     lopt: LearnedOptimizer
-    estimator: PES
+    estimator: object
     outer_opt: object
     templates: list[int]
 
@@ -69,5 +69,13 @@ def build_run(config: Config, family: MLPTaskFamily | None = None) -> Run:
         for t in templates
     )
     schedule = EpisodeSchedule(m.window, m.min_episode_len, m.max_episode_len)
-    estimator = PES(problems, schedule, m.sigma, m.num_pairs // m.task_groups)
+    estimator = make_estimator(
+        m.estimator,
+        problems,
+        schedule,
+        pairs_per_group=m.num_pairs // m.task_groups,
+        sigma=m.sigma,
+        objective=WindowObjective(m.objective, m.sign_diff, m.diff_clip),
+        stagger=m.stagger,
+    )
     return Run(config, family, lopt, estimator, outer_optimizer(m.outer_lr, m.grad_clip), templates)

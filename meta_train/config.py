@@ -78,7 +78,8 @@ class MetaConfig:
     """Meta-training.
 
     Attributes:
-      estimator: outer-gradient estimator ('pes').
+      estimator: outer-gradient estimator: 'pes', 'es_single', 'tes', 'full_es' or 'tbptt'
+        (see `meta_train.estimators`). full_es needs window = min/max_episode_len.
       num_pairs: antithetic pairs (2 × num_pairs inner runs per outer step).
       sigma: standard deviation of the ES perturbations.
       window: truncation window K (inner steps per outer step).
@@ -90,6 +91,13 @@ class MetaConfig:
       loss_clip: clip task losses at loss_clip · ln(num_classes) (NaN maps to the clip).
       task_groups: how many task shapes are in play at once; the particles are split into
         this many groups, each with a shape sampled from the family for the whole run.
+      objective: per-window objective: 'mean' (mean training loss over the window, divided
+        by K), 'final' (training loss at the window's last step) or 'valid_final' (loss of a
+        validation batch at the end of the window).
+      stagger: 'truncate' (first episodes cut at a random whole window), 'burn_in' (first
+        run each pair a random number of windows, discarding their gradients) or 'none'.
+      sign_diff: use only the sign of each antithetic loss difference.
+      diff_clip: clip antithetic loss differences to ±diff_clip (0: off).
     """
 
     estimator: str = "pes"
@@ -103,10 +111,28 @@ class MetaConfig:
     grad_clip: float = 1.0
     loss_clip: float = 1.5
     task_groups: int = 1
+    objective: str = "mean"
+    stagger: str = "truncate"
+    sign_diff: bool = False
+    diff_clip: float = 0.0
 
     def __post_init__(self):
-        if self.estimator not in ("pes",):
-            raise ConfigError(f"meta.estimator: unknown {self.estimator!r}; known: ['pes']")
+        from meta_train.estimators import ESTIMATORS, OBJECTIVES, STAGGERS  # noqa: PLC0415
+
+        for key, known in (
+            ("estimator", ESTIMATORS),
+            ("objective", OBJECTIVES),
+            ("stagger", STAGGERS),
+        ):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"meta.{key}: unknown {getattr(self, key)!r}; known: {known}")
+        if self.estimator == "full_es" and not (
+            self.window == self.min_episode_len == self.max_episode_len
+        ):
+            raise ConfigError(
+                "meta.estimator='full_es' runs whole episodes: set meta.window = "
+                "meta.min_episode_len = meta.max_episode_len"
+            )
         for k in ("num_pairs", "window", "outer_steps", "task_groups"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"meta.{k} must be >= 1")

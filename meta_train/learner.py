@@ -25,6 +25,7 @@ class LearnerState(struct.PyTreeNode):
       est_state: estimator state (persistent particles, accumulators).
       key: the run's PRNG key (raw uint32 key data).
       step: outer steps done.
+      last_grad: the previous meta-gradient (for the consecutive-gradient cosine).
     """
 
     theta: Any
@@ -32,6 +33,7 @@ class LearnerState(struct.PyTreeNode):
     est_state: Any
     key: jax.Array
     step: jax.Array
+    last_grad: Any
 
 
 @functools.cache
@@ -54,6 +56,7 @@ def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerSta
         est_state=estimator.init(k_est, theta),
         key=k_run,
         step=jnp.zeros((), jnp.int32),
+        last_grad=jax.tree.map(jnp.zeros_like, theta),
     )
 
 
@@ -67,5 +70,12 @@ def outer_step(estimator, state: LearnerState, outer_opt) -> tuple[LearnerState,
     grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
     updates, opt_state = outer_opt.update(grad, state.opt_state, state.theta)
     theta = optax.apply_updates(state.theta, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grad), grad_finite=finite)
-    return LearnerState(theta, opt_state, est_state, key, state.step + 1), metrics
+    norm = optax.global_norm(grad)
+    dot = sum(
+        jnp.vdot(a, b)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(state.last_grad), strict=True)
+    )
+    cosine = dot / jnp.maximum(norm * optax.global_norm(state.last_grad), 1e-30)
+    metrics = dict(metrics, grad_norm=norm, grad_finite=finite, grad_cosine=cosine)
+    new = LearnerState(theta, opt_state, est_state, key, state.step + 1, grad)
+    return new, metrics

@@ -56,8 +56,16 @@ class LOptProblem(struct.PyTreeNode):
         )
         params = optax.apply_updates(inner.params, updates)
         finite = jnp.isfinite(loss) & _all_finite(params)
-        meta_loss = jnp.minimum(jnp.nan_to_num(loss, nan=self.loss_clip), self.loss_clip)
-        return LOptInner(inner.hp, params, opt_state), meta_loss, finite
+        return LOptInner(inner.hp, params, opt_state), self._clip(loss), finite
+
+    def eval_loss(self, theta: Any, inner: LOptInner, key: jax.Array) -> jax.Array:
+        """The (clipped) loss of a validation batch: for end-of-window validation objectives."""
+        del theta
+        task = self.task.replace(hp=inner.hp)
+        return self._clip(task.loss(inner.params, task.sample_batch(key, "valid")))
+
+    def _clip(self, loss: jax.Array) -> jax.Array:
+        return jnp.minimum(jnp.nan_to_num(loss, nan=self.loss_clip), self.loss_clip)
 
 
 def _all_finite(tree) -> jax.Array:

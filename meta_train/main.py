@@ -86,7 +86,7 @@ def meta_train(run: Run, *, resume: bool = False, stream=None):
     )
     start, total = int(state.step), m.outer_steps
     bar = ProgressBar(total, initial=start, stream=stream)
-    inner_per_outer = 2 * m.num_pairs * m.window
+    inner_per_outer = (1 if m.estimator == "tbptt" else 2) * m.num_pairs * m.window
     metrics: dict = {}
     try:
         t_log, logged_at = time.perf_counter(), start
@@ -123,7 +123,8 @@ def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
 
     cfg = run.config
     horizon = cfg.eval.num_steps or cfg.meta.max_episode_len
-    learned = {"learned (PES)": lambda n: as_optax(run.lopt, theta, n)}
+    name = f"learned ({cfg.meta.estimator})"
+    learned = {name: lambda n: as_optax(run.lopt, theta, n)}
     return run_suite(run.family, learned, cfg.eval, run.held_out_key(), str(out_dir), horizon)
 
 

@@ -5,7 +5,9 @@ An *inner problem* is anything with
 * `reset(theta, key, num_steps) -> inner`: a fresh inner state for an episode of
   `num_steps` steps (e.g. a sampled task, its initial params and optimizer state);
 * `step(theta, inner, key) -> (inner, loss, finite)`: one inner step; `loss` is the
-  per-step meta-loss (already clipped and finite) and `finite` says the step did not diverge.
+  per-step meta-loss (already clipped and finite) and `finite` says the step did not diverge;
+* optionally `eval_loss(theta, inner, key) -> loss`: an evaluation (e.g. validation) loss of
+  a state, used by window objectives measured at the end of a window.
 
 A *particle* wraps an inner state with its episode counter and length. Particles come in
 groups of *members* (2 for an antithetic pair) that run with different θ but share every
@@ -47,22 +49,37 @@ class Particle(struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeSchedule:
-    """Episode lengths: log-uniform in [min_len, max_len], rounded to whole windows.
+    """Episode lengths: log-uniform in [min_len, max_len].
 
     Attributes:
       window: truncation window K.
       min_len, max_len: the range of episode lengths T.
+      whole_windows: round lengths to multiples of K (episode ends then fall on window ends);
+        otherwise an episode may end inside a window, and the particle continues in a fresh
+        episode for the rest of it.
     """
 
     window: int
     min_len: int
     max_len: int
+    whole_windows: bool = True
+
+    def __post_init__(self):
+        # Fresh states are computed once per window, so an episode must not end twice in one.
+        if not 1 <= self.window <= self.min_len <= self.max_len:
+            raise ValueError(
+                f"need 1 <= window <= min_len <= max_len, got {self.window}, {self.min_len}, "
+                f"{self.max_len}"
+            )
 
     def sample_length(self, key: jax.Array) -> jax.Array:
         lo, hi = jnp.log(self.min_len), jnp.log(self.max_len)
         t = jnp.exp(jax.random.uniform(key, (), minval=lo, maxval=hi))
-        t = jnp.round(t / self.window) * self.window
-        return jnp.clip(t, self.window, self.max_len).astype(jnp.int32)
+        if self.whole_windows:
+            t = jnp.clip(jnp.round(t / self.window) * self.window, self.window, self.max_len)
+        else:
+            t = jnp.clip(jnp.round(t), self.min_len, self.max_len)
+        return t.astype(jnp.int32)
 
     def sample_first_length(self, key: jax.Array) -> jax.Array:
         """Length of a particle's first episode: a random whole-window part of a sampled one.
@@ -84,11 +101,14 @@ class WindowOut(NamedTuple):
       losses: per-step meta-losses.
       finite: whether each step stayed finite.
       resets: [K] whether the group reset after this step (episode end or divergence).
+      eval_losses: the problem's `eval_loss` of the state after the last step (before any
+        reset) in row K-1; zeros elsewhere and when not requested.
     """
 
     losses: jax.Array
     finite: jax.Array
     resets: jax.Array
+    eval_losses: jax.Array
 
     def segment(self) -> jax.Array:
         """[K] index of the episode each step belongs to, counted from the window start."""
@@ -107,11 +127,22 @@ def _member_map(fn, thetas, *args, shared=()):
 
 
 def init_group(
-    problem: InnerProblem, thetas: Any, key: jax.Array, schedule: EpisodeSchedule
+    problem: InnerProblem,
+    thetas: Any,
+    key: jax.Array,
+    schedule: EpisodeSchedule,
+    truncate_first: bool = True,
 ) -> Particle:
-    """Fresh particles for one group (member axis first), staggered within an episode."""
+    """Fresh particles for one group (member axis first).
+
+    With `truncate_first`, the first episode is a random whole-window part of a sampled one,
+    which staggers particles within an episode.
+    """
     k_len, k_reset = jax.random.split(key)
-    length = schedule.sample_first_length(k_len)
+    if truncate_first:
+        length = schedule.sample_first_length(k_len)
+    else:
+        length = schedule.sample_length(k_len)
     inner = _member_map(problem.reset, thetas, shared=(k_reset, length))
     members = jax.tree.leaves(thetas)[0].shape[0]
     return Particle(
@@ -125,6 +156,7 @@ def unroll_window(
     particle: Particle,
     key: jax.Array,
     schedule: EpisodeSchedule,
+    with_eval: bool = False,
 ) -> tuple[Particle, WindowOut]:
     """Advances one group of particles `schedule.window` steps.
 
@@ -134,11 +166,12 @@ def unroll_window(
       particle: the group's particles (leading member axis).
       key: this window's key; shared by all members.
       schedule: episode lengths and the window K.
+      with_eval: also record `problem.eval_loss` at the end of the window.
 
     Returns:
       The advanced particles and the window's per-step record.
     """
-    k_reset, k_len, k_data = jax.random.split(key, 3)
+    k_reset, k_len, k_data, k_eval = jax.random.split(key, 4)
     new_len = schedule.sample_length(k_len)
     members = particle.step.shape[0]
     fresh = Particle(
@@ -147,14 +180,32 @@ def unroll_window(
         jnp.full((members,), new_len, jnp.int32),
     )
 
-    def body(p: Particle, k):
+    def advance(p: Particle, k):
         inner, loss, finite = _member_map(problem.step, thetas, p.inner, shared=(k,))
-        stepped = Particle(inner, p.step + 1, p.length)
+        return Particle(inner, p.step + 1, p.length), loss, finite
+
+    def settle(stepped: Particle, finite):
         # One decision for the whole group keeps the members paired.
         reset = jnp.any(stepped.step >= stepped.length) | ~jnp.all(finite)
-        return _where(reset, fresh, stepped), (loss, finite, reset)
+        return _where(reset, fresh, stepped), reset
 
-    particle, (losses, finite, resets) = jax.lax.scan(
-        body, particle, jax.random.split(k_data, schedule.window)
-    )
-    return particle, WindowOut(losses, finite, resets)
+    def body(p: Particle, k):
+        stepped, loss, finite = advance(p, k)
+        p, reset = settle(stepped, finite)
+        return p, (loss, finite, reset)
+
+    keys = jax.random.split(k_data, schedule.window)
+    particle, (losses, finite, resets) = jax.lax.scan(body, particle, keys[:-1])
+    # The last step is unrolled by hand so the end-of-window evaluation sees the state
+    # before a possible reset.
+    stepped, loss, fin = advance(particle, keys[-1])
+    if with_eval:
+        ev = _member_map(problem.eval_loss, thetas, stepped.inner, shared=(k_eval,))
+    else:
+        ev = jnp.zeros_like(loss)
+    particle, reset = settle(stepped, fin)
+    losses = jnp.concatenate([losses, loss[None]])
+    finite = jnp.concatenate([finite, fin[None]])
+    resets = jnp.concatenate([resets, reset[None]])
+    evals = jnp.zeros_like(losses).at[-1].set(ev)
+    return particle, WindowOut(losses, finite, resets, evals)

@@ -145,7 +145,7 @@ def test_main_job_end_to_end_logs_offline_and_prints_the_table(tmp_path, capsys,
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "learned (PES)" in out and "adam (tuned" in out and "±" in out
+    assert "learned (pes)" in out and "adam (tuned" in out and "±" in out
     for f in (
         "config.json",
         "metrics.jsonl",

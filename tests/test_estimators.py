@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from meta_train.pes import PES, _normal_like
+from meta_train.estimators import PersistentES, normal_like
 from meta_train.unroll import EpisodeSchedule
 
 
@@ -45,7 +45,7 @@ def test_pes_recovers_the_gradient_through_earlier_windows():
     # Episodes of exactly 2 windows of K=4, all particles in lockstep (first episode full).
     K, pairs = 4, 4096
     sched = EpisodeSchedule(window=K, min_len=2 * K, max_len=2 * K)
-    est = PES((Drift(),), sched, sigma=0.1, pairs_per_group=pairs)
+    est = PersistentES((Drift(),), sched, pairs, sigma=0.1)
     theta = jnp.float32(0.3)
     state = est.init(jax.random.PRNGKey(0), theta)
     # Force every particle to start a full 2-window episode.
@@ -64,7 +64,7 @@ def test_pes_recovers_the_gradient_through_earlier_windows():
 
 def test_diverging_pairs_contribute_nothing():
     sched = EpisodeSchedule(window=2, min_len=10, max_len=10)
-    est = PES((NaNAbove(),), sched, sigma=0.1, pairs_per_group=64)
+    est = PersistentES((NaNAbove(),), sched, 64, sigma=0.1)
     theta = jnp.float32(0.0)
     state = est.init(jax.random.PRNGKey(0), theta)
     g, _, m = est.estimate(state, theta, jax.random.PRNGKey(1))
@@ -72,7 +72,7 @@ def test_diverging_pairs_contribute_nothing():
     assert 0 < int(m["diverged_pairs"]) < 64
     # Reference: only pairs with |ε| <= 0.05 survive; each gives (2ε)·ε / (2σ²).
     k_eps, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), 0))
-    eps = np.asarray(_normal_like(k_eps, theta, 64, 0.1))
+    eps = np.asarray(normal_like(k_eps, theta, 64, 0.1))
     ok = np.abs(eps) <= 0.05
     assert int(m["diverged_pairs"]) == int((~ok).sum())
     np.testing.assert_allclose(float(g), np.sum(np.where(ok, eps**2, 0.0)) / 0.01 / 64, rtol=1e-4)

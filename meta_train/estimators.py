@@ -1,0 +1,454 @@
+"""Outer-gradient estimators for truncated unrolls, behind one interface.
+
+Every estimator is a pytree (its inner problems' data are jit arguments) with
+
+* `init(key, theta) -> state`: persistent particles (staggered) and estimator state;
+* `estimate(state, theta, key) -> (gradient, state, metrics)`: one window of every particle.
+
+Implementations (see ../shared/specs/estimators.md):
+
+* `PersistentES(mode="pes")`: Persistent ES, Vicol, Metz, Sohl-Dickstein, ICML 2021.
+* `PersistentES(mode="es_single")`: ES-Single / noise-reuse ES, Vicol et al. ICML 2023;
+  Li et al. NeurIPS 2023: one perturbation per episode, no accumulation.
+* `PersistentES(mode="tes")`: truncated ES: a fresh perturbation every window around one
+  shared state (biased: ignores how θ shaped the state).
+* `FullES`: antithetic ES over whole episodes from initialisation.
+* `TBPTT`: the analytic gradient through the window only (incoming state stop-gradiented).
+
+The per-window objective is set by `WindowObjective`: the mean per-step loss over the window
+(normalised by K), the per-step loss at the end of the window, or the problem's evaluation
+(validation) loss at the end of the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from meta_train.unroll import EpisodeSchedule, Particle, WindowOut, init_group, unroll_window
+
+ESTIMATORS = ("pes", "es_single", "tes", "full_es", "tbptt")
+OBJECTIVES = ("mean", "final", "valid_final")
+STAGGERS = ("truncate", "burn_in", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowObjective:
+    """What one window contributes to the meta-objective, and how differences are treated.
+
+    Attributes:
+      kind: 'mean' (mean per-step loss over the K steps, so gradients scale like one step's
+        loss), 'final' (the per-step loss at the last step of the window) or 'valid_final'
+        (the problem's `eval_loss` of the state at the end of the window, before any reset).
+      sign: use only the sign of each antithetic loss difference.
+      clip: clip each antithetic loss difference to [-clip, clip] (0: off).
+    """
+
+    kind: str = "mean"
+    sign: bool = False
+    clip: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.kind!r}; known: {OBJECTIVES}")
+
+    def split(self, out: WindowOut) -> tuple[jax.Array, jax.Array]:
+        """Per member: the window objective of the steps before and after a reset.
+
+        Args:
+          out: one group's window record ([K, members] arrays).
+
+        Returns:
+          `(before, after)`, each [members].
+        """
+        k = out.losses.shape[0]
+        if self.kind == "mean":
+            values, weights = out.losses, jnp.full((k,), 1.0 / k)
+        else:
+            values = out.losses if self.kind == "final" else out.eval_losses
+            weights = jnp.zeros((k,)).at[k - 1].set(1.0)
+        seg = out.segment()
+        w = weights[:, None] * values
+        before = jnp.sum(jnp.where((seg == 0)[:, None], w, 0.0), axis=0)
+        after = jnp.sum(jnp.where((seg > 0)[:, None], w, 0.0), axis=0)
+        return before, after
+
+    @property
+    def needs_eval(self) -> bool:
+        return self.kind == "valid_final"
+
+    def transform(self, diff: jax.Array) -> jax.Array:
+        """Sign or clip of an antithetic loss difference; NaN differences become 0."""
+        diff = jnp.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.sign:
+            return jnp.sign(diff)
+        if self.clip > 0:
+            return jnp.clip(diff, -self.clip, self.clip)
+        return diff
+
+
+class EstimatorState(struct.PyTreeNode):
+    """Per task group: particles [pairs, members, ...], accumulated noise ξ and current ε
+    ([pairs, ...θ]). `FullES` and `TBPTT` keep only what they use."""
+
+    particles: tuple[Particle, ...]
+    accum: tuple[Any, ...] = ()
+    noise: tuple[Any, ...] = ()
+
+
+def normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
+    """`num` Gaussian perturbations of θ's shape with standard deviation `sigma`."""
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            sigma * jax.random.normal(k, (num,) + x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+
+
+def pair_thetas(theta: Any, eps: Any) -> Any:
+    """[pairs, 2, ...]: θ+ε and θ−ε for every pair."""
+    return jax.tree.map(lambda t, e: jnp.stack([t + e, t - e], axis=1), theta, eps)
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def _scale(v: jax.Array, tree: Any) -> Any:
+    """Multiplies every [pairs, ...] leaf of `tree` by the [pairs] vector `v`."""
+    return jax.tree.map(lambda x: _bcast(v, x) * x, tree)
+
+
+def _diagnostics(per_pair: Any, stats: list[dict]) -> tuple[Any, dict]:
+    """The mean estimate over pairs, and metrics of the window."""
+    grad = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_pair)
+    # Trace of the covariance of single-pair estimates: the estimator's noise level.
+    var = sum(jnp.sum(jnp.var(x, axis=0)) for x in jax.tree.leaves(per_pair))
+    n_pairs = sum(s["pairs"] for s in stats)
+    metrics = {
+        "meta_loss": sum(s["meta_loss"] * s["pairs"] for s in stats) / n_pairs,
+        "resets": sum(s["resets"] for s in stats),
+        "reset_fraction": sum(s["reset_pairs"] for s in stats) / n_pairs,
+        "diverged_pairs": sum(s["diverged"] for s in stats),
+        "estimate_variance": var,
+    }
+    return grad, metrics
+
+
+def _window_stats(out: WindowOut, ok: jax.Array) -> dict:
+    crossed = jnp.any(out.resets, axis=1)
+    return {
+        "meta_loss": jnp.mean(out.losses),
+        "resets": jnp.sum(out.resets),
+        "reset_pairs": jnp.sum(crossed),
+        "diverged": jnp.sum(~ok),
+        "pairs": out.losses.shape[0],
+    }
+
+
+class _Base(struct.PyTreeNode):
+    """Fields and particle initialisation shared by the estimators."""
+
+    problems: tuple
+    schedule: EpisodeSchedule = struct.field(pytree_node=False)
+    pairs_per_group: int = struct.field(pytree_node=False)
+    objective: WindowObjective = struct.field(pytree_node=False, default=WindowObjective())
+    stagger: str = struct.field(pytree_node=False, default="truncate")
+
+    members: int = struct.field(pytree_node=False, default=2)
+
+    def _init_particles(self, key: jax.Array, theta: Any) -> tuple[Particle, ...]:
+        if self.stagger not in STAGGERS:
+            raise ValueError(f"unknown stagger {self.stagger!r}; known: {STAGGERS}")
+        n = self.pairs_per_group
+        thetas = jax.tree.map(lambda t: jnp.broadcast_to(t, (n, self.members) + t.shape), theta)
+        groups = []
+        for g, problem in enumerate(self.problems):
+            k_init, k_burn = jax.random.split(jax.random.fold_in(key, g))
+            keys = jax.random.split(k_init, n)
+            init = jax.vmap(init_group, in_axes=(None, 0, 0, None, None))
+            parts = init(problem, thetas, keys, self.schedule, self.stagger == "truncate")
+            if self.stagger == "burn_in":
+                parts = _burn_in(problem, thetas, parts, k_burn, self.schedule)
+            groups.append(parts)
+        return tuple(groups)
+
+
+def _burn_in(problem, thetas, particles: Particle, key: jax.Array, schedule: EpisodeSchedule):
+    """Advances each pair a random number of windows (uniform over an episode) with θ.
+
+    The gradients of these windows are discarded; afterwards the particles sit at spread-out
+    points of realistic (not truncated) episodes.
+    """
+    n = particles.step.shape[0]
+    max_windows = -(-schedule.max_len // schedule.window)
+    k_off, k_run = jax.random.split(key)
+    offsets = jax.random.randint(k_off, (n,), 0, max_windows)
+    unroll = jax.vmap(unroll_window, in_axes=(None, 0, 0, 0, None))
+
+    def body(w, parts):
+        keys = jax.random.split(jax.random.fold_in(k_run, w), n)
+        stepped, _ = unroll(problem, thetas, parts, keys, schedule)
+        active = w < offsets
+        return jax.tree.map(lambda a, b: jnp.where(_bcast(active, a), a, b), stepped, parts)
+
+    return jax.lax.fori_loop(0, max_windows, body, particles)
+
+
+class PersistentES(_Base):
+    """PES, ES-Single/NRES and truncated ES over persistent antithetic pairs.
+
+    Each window every pair runs its two members (θ+ε, θ−ε) K steps from their persistent
+    states; with D the (transformed) difference of their window objectives,
+
+    * pes: ε is new every window and ξ ← ξ + ε accumulates over the episode;
+      ĝ = D_before ξ + D_after ε, where D_after is the part after an episode reset inside the
+      window, and ξ restarts from ε after a reset.
+    * es_single: ε is drawn when an episode starts and reused for all of its windows;
+      ĝ = (D_before + D_after) ε.
+    * tes: ε is new every window and both members start from one shared state (the +
+      member's, so the shared state follows θ+ε — an O(σ) drift that the estimate ignores);
+      ĝ = (D_before + D_after) ε.
+
+    all divided by 2σ² and averaged over pairs. A pair with a non-finite step contributes 0.
+
+    Attributes:
+      sigma: standard deviation of ε.
+      mode: 'pes', 'es_single' or 'tes'.
+    """
+
+    sigma: float = struct.field(pytree_node=False, default=0.01)
+    mode: str = struct.field(pytree_node=False, default="pes")
+
+    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
+        if self.mode not in ("pes", "es_single", "tes"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+        zeros = jax.tree.map(lambda t: jnp.zeros((self.pairs_per_group,) + t.shape, t.dtype), theta)
+        groups = len(self.problems)
+        return EstimatorState(
+            self._init_particles(key, theta), (zeros,) * groups, (zeros,) * groups
+        )
+
+    def _group(self, problem, theta, particles: Particle, accum, noise, key):
+        n = self.pairs_per_group
+        k_eps, k_unroll = jax.random.split(key)
+        fresh = normal_like(k_eps, theta, n, self.sigma)
+        if self.mode == "es_single":
+            # A new ε only where an episode starts at this window (the state has not yet
+            # been run with any ε); an episode that began mid-window keeps the ε it began with.
+            eps = _select(particles.step[:, 0] == 0, fresh, noise)
+            xi = eps
+        elif self.mode == "tes":
+            eps, xi = fresh, fresh
+            particles = jax.tree.map(lambda x: jnp.repeat(x[:, :1], 2, axis=1), particles)
+        else:
+            eps = fresh
+            xi = jax.tree.map(jnp.add, accum, eps)
+
+        unroll = jax.vmap(
+            functools.partial(unroll_window, with_eval=self.objective.needs_eval),
+            in_axes=(None, 0, 0, 0, None),
+        )
+        keys = jax.random.split(k_unroll, n)
+        particles, out = unroll(problem, pair_thetas(theta, eps), particles, keys, self.schedule)
+        before, after = jax.vmap(self.objective.split)(out)  # [pairs, 2] each
+        ok = jnp.all(out.finite, axis=(1, 2))
+        d_before = jnp.where(ok, self.objective.transform(before[:, 0] - before[:, 1]), 0.0)
+        d_after = jnp.where(ok, self.objective.transform(after[:, 0] - after[:, 1]), 0.0)
+        c = 1.0 / (2.0 * self.sigma**2)
+        per_pair = jax.tree.map(
+            lambda x, e: c * (_bcast(d_before, x) * x + _bcast(d_after, e) * e), xi, eps
+        )
+        crossed = jnp.any(out.resets, axis=1)
+        new_accum = _select(crossed, eps, xi) if self.mode == "pes" else accum
+        return per_pair, particles, new_accum, eps, _window_stats(out, ok)
+
+    def estimate(
+        self, state: EstimatorState, theta: Any, key: jax.Array
+    ) -> tuple[Any, EstimatorState, dict]:
+        results = [
+            self._group(
+                p,
+                theta,
+                state.particles[g],
+                state.accum[g],
+                state.noise[g],
+                jax.random.fold_in(key, g),
+            )
+            for g, p in enumerate(self.problems)
+        ]
+        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r[0] for r in results])
+        grad, metrics = _diagnostics(per_pair, [r[4] for r in results])
+        new_state = EstimatorState(
+            tuple(r[1] for r in results),
+            tuple(r[2] for r in results),
+            tuple(r[3] for r in results),
+        )
+        return grad, new_state, metrics
+
+
+def _select(cond: jax.Array, a: Any, b: Any) -> Any:
+    """Per pair: `a` where `cond` ([pairs]) else `b`."""
+    return jax.tree.map(lambda x, y: jnp.where(_bcast(cond, x), x, y), a, b)
+
+
+class FullES(_Base):
+    """Antithetic ES over whole episodes: every estimate starts each pair from a fresh
+    episode (shared keys for both members) and runs it to its end.
+
+    ĝ = (1/N) Σ_i D_i ε_i / (2σ²), D the difference of the episode objectives (the window
+    objective with K = T). Unbiased for the Gaussian-smoothed objective; one meta-step per
+    episode. Requires episodes of one fixed length T (the schedule's window).
+
+    Attributes:
+      sigma: standard deviation of ε.
+    """
+
+    sigma: float = struct.field(pytree_node=False, default=0.01)
+
+    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
+        del key, theta
+        return EstimatorState(particles=())
+
+    def estimate(
+        self, state: EstimatorState, theta: Any, key: jax.Array
+    ) -> tuple[Any, EstimatorState, dict]:
+        n, sched = self.pairs_per_group, self.schedule
+        per_pairs, stats = [], []
+        for g, problem in enumerate(self.problems):
+            k_eps, k_reset, k_unroll = jax.random.split(jax.random.fold_in(key, g), 3)
+            eps = normal_like(k_eps, theta, n, self.sigma)
+            thetas = pair_thetas(theta, eps)
+
+            def episode(th, k_res, k_run, problem=problem):
+                length = jnp.int32(sched.window)
+                inner = jax.vmap(problem.reset, in_axes=(0, None, None))(th, k_res, length)
+                fresh = Particle(inner, jnp.zeros((2,), jnp.int32), jnp.full((2,), length))
+                return unroll_window(problem, th, fresh, k_run, sched, self.objective.needs_eval)[1]
+
+            out = jax.vmap(episode)(
+                thetas, jax.random.split(k_reset, n), jax.random.split(k_unroll, n)
+            )
+            before, after = jax.vmap(self.objective.split)(out)
+            total = before + after
+            ok = jnp.all(out.finite, axis=(1, 2))
+            d = jnp.where(ok, self.objective.transform(total[:, 0] - total[:, 1]), 0.0)
+            per_pairs.append(_scale(d / (2.0 * self.sigma**2), eps))
+            stats.append(_window_stats(out, ok))
+        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
+        grad, metrics = _diagnostics(per_pair, stats)
+        return grad, state, metrics
+
+
+class TBPTT(_Base):
+    """Truncated backpropagation through time: the exact gradient of each particle's window
+    objective with respect to θ, with the incoming state held fixed (stop-gradient).
+
+    Biased (ignores how θ shaped the incoming state). One member per particle; a particle
+    with a non-finite step contributes 0.
+    """
+
+    members: int = struct.field(pytree_node=False, default=1)
+
+    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
+        return EstimatorState(self._init_particles(key, theta))
+
+    def estimate(
+        self, state: EstimatorState, theta: Any, key: jax.Array
+    ) -> tuple[Any, EstimatorState, dict]:
+        n = self.pairs_per_group
+        per_pairs, groups, stats = [], [], []
+        for g, problem in enumerate(self.problems):
+            keys = jax.random.split(jax.random.fold_in(key, g), n)
+
+            def window(th, particle, k, problem=problem):
+                particle = jax.lax.stop_gradient(particle)
+                new, out = unroll_window(
+                    problem,
+                    jax.tree.map(lambda t: t[None], th),
+                    particle,
+                    k,
+                    self.schedule,
+                    self.objective.needs_eval,
+                )
+                before, after = self.objective.split(out)
+                return jnp.sum(before + after), (new, out)
+
+            grad_fn = jax.vmap(jax.grad(window, has_aux=True), in_axes=(None, 0, 0))
+            grads, (parts, out) = grad_fn(theta, state.particles[g], keys)
+            ok = jnp.all(out.finite, axis=(1, 2))
+            finite = jnp.all(
+                jnp.stack(
+                    [
+                        jnp.all(jnp.isfinite(x), axis=range(1, x.ndim))
+                        for x in jax.tree.leaves(grads)
+                    ]
+                ),
+                axis=0,
+            )
+            per_pairs.append(_scale((ok & finite).astype(jnp.float32), _zero_nan(grads)))
+            groups.append(parts)
+            stats.append(_window_stats(out, ok))
+        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
+        grad, metrics = _diagnostics(per_pair, stats)
+        return grad, EstimatorState(tuple(groups)), metrics
+
+
+def _zero_nan(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), tree)
+
+
+def make_estimator(
+    name: str,
+    problems: tuple,
+    schedule: EpisodeSchedule,
+    *,
+    pairs_per_group: int,
+    sigma: float,
+    objective: WindowObjective = WindowObjective(),
+    stagger: str = "truncate",
+):
+    """Builds estimator `name` (one of `ESTIMATORS`).
+
+    Args:
+      name: 'pes', 'es_single', 'tes', 'full_es' or 'tbptt'.
+      problems: one inner problem per task group.
+      schedule: window K and episode lengths (FullES: episodes of exactly K steps).
+      pairs_per_group: antithetic pairs (TBPTT: particles) per group.
+      sigma: perturbation scale (ES estimators).
+      objective: the per-window objective and loss-difference treatment.
+      stagger: 'truncate' (first episodes cut at a random window), 'burn_in' (run a random
+        number of windows first, gradients discarded) or 'none'.
+
+    Returns:
+      The estimator.
+    """
+    common = dict(
+        problems=tuple(problems),
+        schedule=schedule,
+        pairs_per_group=pairs_per_group,
+        objective=objective,
+        stagger=stagger,
+    )
+    if name in ("pes", "es_single", "tes"):
+        return PersistentES(**common, sigma=sigma, mode=name)
+    if name == "full_es":
+        if schedule.min_len != schedule.max_len or schedule.max_len != schedule.window:
+            raise ValueError(
+                "full_es runs whole episodes: set meta.window = meta.min_episode_len = "
+                f"meta.max_episode_len (got {schedule.window}, {schedule.min_len}, "
+                f"{schedule.max_len})"
+            )
+        return FullES(**common, sigma=sigma)
+    if name == "tbptt":
+        return TBPTT(**common)
+    raise ValueError(f"unknown estimator {name!r}; known: {ESTIMATORS}")
