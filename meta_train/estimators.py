@@ -325,19 +325,19 @@ class FullES(_Base):
         n, sched = self.pairs_per_group, self.schedule
         per_pairs, stats = [], []
         for g, problem in enumerate(self.problems):
-            k_eps, k_reset, k_unroll = jax.random.split(jax.random.fold_in(key, g), 3)
+            # Keys derived as in PersistentES: the same key gives the same ε and data.
+            k_eps, k_unroll = jax.random.split(jax.random.fold_in(key, g))
             eps = normal_like(k_eps, theta, n, self.sigma)
             thetas = pair_thetas(theta, eps)
 
-            def episode(th, k_res, k_run, problem=problem):
+            def episode(th, k, problem=problem):
                 length = jnp.int32(sched.window)
+                k_res = jax.random.fold_in(k, 1)
                 inner = jax.vmap(problem.reset, in_axes=(0, None, None))(th, k_res, length)
                 fresh = Particle(inner, jnp.zeros((2,), jnp.int32), jnp.full((2,), length))
-                return unroll_window(problem, th, fresh, k_run, sched, self.objective.needs_eval)[1]
+                return unroll_window(problem, th, fresh, k, sched, self.objective.needs_eval)[1]
 
-            out = jax.vmap(episode)(
-                thetas, jax.random.split(k_reset, n), jax.random.split(k_unroll, n)
-            )
+            out = jax.vmap(episode)(thetas, jax.random.split(k_unroll, n))
             before, after = jax.vmap(self.objective.split)(out)
             total = before + after
             ok = jnp.all(out.finite, axis=(1, 2))
