@@ -212,7 +212,8 @@ class PersistentES(_Base):
 
     * pes: ε is new every window and ξ ← ξ + ε accumulates over the episode;
       ĝ = D_before ξ + D_after ε, where D_after is the part after an episode reset inside the
-      window, and ξ restarts from ε after a reset.
+      window; after a reset ξ restarts from ε if the new episode already ran steps in this
+      window, from 0 if the reset fell on its last step (so PES with K = T is FullES).
     * es_single: ε is drawn when an episode starts and reused for all of its windows;
       ĝ = (D_before + D_after) ε.
     * tes: ε is new every window and both members start from one shared state (the +
@@ -268,8 +269,13 @@ class PersistentES(_Base):
         per_pair = jax.tree.map(
             lambda x, e: c * (_bcast(d_before, x) * x + _bcast(d_after, e) * e), xi, eps
         )
+        # After an episode end, ξ restarts from the ε the new episode has run with so far:
+        # ε if it ran steps inside this window, nothing if the reset fell on the last step.
+        # (Fresh states are treated as independent of θ.)
         crossed = jnp.any(out.resets, axis=1)
-        new_accum = _select(crossed, eps, xi) if self.mode == "pes" else accum
+        ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
+        restart = _scale(ran_after.astype(eps_dtype(eps)), eps)
+        new_accum = _select(crossed, restart, xi) if self.mode == "pes" else accum
         return per_pair, particles, new_accum, eps, _window_stats(out, ok)
 
     def estimate(
@@ -294,6 +300,10 @@ class PersistentES(_Base):
             tuple(r[3] for r in results),
         )
         return grad, new_state, metrics
+
+
+def eps_dtype(tree: Any):
+    return jax.tree.leaves(tree)[0].dtype
 
 
 def _select(cond: jax.Array, a: Any, b: Any) -> Any:

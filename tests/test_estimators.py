@@ -92,7 +92,6 @@ def test_diverging_pairs_contribute_nothing():
 # --- The estimators against each other and against a step-by-step reference -------------
 
 
-from tasks.synthetic import InfluenceBalancing, LinearQuadratic, Toy2DRegression  # noqa: E402
 
 
 def _estimate(est, theta, keys, state=None):
@@ -194,17 +193,18 @@ def test_pes_episode_boundaries_inside_windows_match_a_step_by_step_reference():
             xi = xi + eps
             g_ref = np.zeros(pairs)
             for i in range(pairs):
-                crossed = False
+                crossed, ran_after = False, False
                 for _ in range(K):
                     th = np.array([theta + eps[i], theta - eps[i]])
                     s[i] = 0.9 * s[i] + th + 0.1
                     weight = eps[i] if crossed else xi[i]
+                    ran_after = crossed
                     g_ref[i] += (s[i, 0] - s[i, 1]) / K * weight / (2 * sigma**2)
                     n[i] += 1
-                    if n[i] == T:  # episode ends after this step: fresh state, ξ restarts
+                    if n[i] == T:  # episode ends after this step: fresh state
                         s[i], n[i], crossed = 0.0, 0, True
-                if crossed:
-                    xi[i] = eps[i]
+                if crossed:  # ξ restarts from what the new episode has run with
+                    xi[i] = eps[i] if ran_after else 0.0
             np.testing.assert_allclose(float(g), g_ref.mean(), rtol=1e-10, atol=1e-12)
             np.testing.assert_array_equal(np.asarray(state.particles[0].step[:, 0]), n)
 
