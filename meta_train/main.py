@@ -106,7 +106,13 @@ def meta_train(run: Run, *, resume: bool = False, stream=None):
                     )
                 t_log, logged_at = now, done
                 logger.log(done, metrics)
-                bar.update(done - bar.n, meta_loss=metrics["meta_loss"])
+                bar.update(
+                    done - bar.n,
+                    meta_loss=metrics["meta_loss"],
+                    est_var=metrics["estimate_variance"],
+                    grad_cos=metrics["grad_cosine"],
+                    reset_frac=metrics["reset_fraction"],
+                )
             if done % cfg.run.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
     finally:

@@ -92,8 +92,6 @@ def test_diverging_pairs_contribute_nothing():
 # --- The estimators against each other and against a step-by-step reference -------------
 
 
-
-
 def _estimate(est, theta, keys, state=None):
     state = est.init(jax.random.PRNGKey(0), theta) if state is None else state
     step = jax.jit(lambda e, s, k: e.estimate(s, theta, k))

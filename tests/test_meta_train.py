@@ -162,3 +162,37 @@ def test_main_job_end_to_end_logs_offline_and_prints_the_table(tmp_path, capsys,
 def test_main_rejects_a_bad_config_key(capsys):
     assert main(["meta.windw=3"]) == 2
     assert "meta.windw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "estimator, extra",
+    [
+        ("pes", ["meta.objective='valid_final'", "meta.diff_clip=1.0"]),
+        ("es_single", ["meta.stagger='burn_in'"]),
+        ("tes", ["meta.objective='final'", "meta.sign_diff=true"]),
+        ("full_es", ["meta.window=50"]),
+        ("tbptt", ["meta.stagger='none'"]),
+    ],
+)
+def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, estimator, extra):
+    run = build_run(
+        _config(
+            tmp_path,
+            f"meta.estimator='{estimator}'",
+            "meta.outer_steps=3",
+            "run.log_every=1",
+            "run.checkpoint_every=3",
+            *extra,
+        )
+    )
+    theta0 = run.init_state().theta
+    state, _ = meta_train(run)
+    leaves0, leaves1 = jax.tree.leaves(theta0), jax.tree.leaves(state.theta)
+    assert all(np.all(np.isfinite(x)) for x in leaves1)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves0, leaves1, strict=True))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for key in ("estimate_variance", "grad_cosine", "reset_fraction", "meta_loss", "grad_norm"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[0]["grad_cosine"] == 0.0  # no previous gradient yet
+    assert -1.0 <= rows[-1]["grad_cosine"] <= 1.0
