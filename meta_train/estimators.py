@@ -144,10 +144,12 @@ def _diagnostics(per_pair: Any, stats: list[dict]) -> tuple[Any, dict]:
     return grad, metrics
 
 
-def _window_stats(out: WindowOut, ok: jax.Array) -> dict:
+def _window_stats(out: WindowOut, ok: jax.Array, objective: WindowObjective) -> dict:
     crossed = jnp.any(out.resets, axis=1)
+    before, after = jax.vmap(objective.split)(out)
     return {
-        "meta_loss": jnp.mean(out.losses),
+        # The window objective itself (mean over pairs and members), whatever its kind.
+        "meta_loss": jnp.mean(before + after),
         "resets": jnp.sum(out.resets),
         "reset_pairs": jnp.sum(crossed),
         "diverged": jnp.sum(~ok),
@@ -276,7 +278,7 @@ class PersistentES(_Base):
         ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
         restart = _scale(ran_after.astype(eps_dtype(eps)), eps)
         new_accum = _select(crossed, restart, xi) if self.mode == "pes" else accum
-        return per_pair, particles, new_accum, eps, _window_stats(out, ok)
+        return per_pair, particles, new_accum, eps, _window_stats(out, ok, self.objective)
 
     def estimate(
         self, state: EstimatorState, theta: Any, key: jax.Array
@@ -353,7 +355,7 @@ class FullES(_Base):
             ok = jnp.all(out.finite, axis=(1, 2))
             d = jnp.where(ok, self.objective.transform(total[:, 0] - total[:, 1]), 0.0)
             per_pairs.append(_scale(d / (2.0 * self.sigma**2), eps))
-            stats.append(_window_stats(out, ok))
+            stats.append(_window_stats(out, ok, self.objective))
         per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
         grad, metrics = _diagnostics(per_pair, stats)
         return grad, state, metrics
@@ -407,7 +409,7 @@ class TBPTT(_Base):
             )
             per_pairs.append(_scale((ok & finite).astype(jnp.float32), _zero_nan(grads)))
             groups.append(parts)
-            stats.append(_window_stats(out, ok))
+            stats.append(_window_stats(out, ok, self.objective))
         per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
         grad, metrics = _diagnostics(per_pair, stats)
         return grad, EstimatorState(tuple(groups)), metrics
