@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -67,8 +68,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--outer-steps", type=int, default=40, help="timed outer steps")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=0,
+        help="pin the process to this many CPU cores before XLA starts (0: all)",
+    )
     p.add_argument("overrides", nargs="*", help="extra config overrides section.key=value")
     args = p.parse_args(argv)
+    if args.cores:
+        # XLA sizes its CPU thread pools from the affinity mask when its client starts (at
+        # the first computation), so pinning here takes effect.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
 
     config = load_config(
         None, REFERENCE + [f"task_family.datasets=['{args.dataset}']"] + args.overrides
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recompiled_for_new_tasks": bool(recompiled),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "devices": [str(d) for d in jax.devices()],
+        "cpu_cores": len(os.sched_getaffinity(0)),
     }
     for k, v in out.items():
         print(f"{k:>28}: {v}")
