@@ -165,8 +165,7 @@ class _Base(struct.PyTreeNode):
     pairs_per_group: int = struct.field(pytree_node=False)
     objective: WindowObjective = struct.field(pytree_node=False, default=WindowObjective())
     stagger: str = struct.field(pytree_node=False, default="truncate")
-
-    members: int = struct.field(pytree_node=False, default=2)
+    members: int = struct.field(pytree_node=False, default=2)  # runs per particle group
 
     def _init_particles(self, key: jax.Array, theta: Any) -> tuple[Particle, ...]:
         if self.stagger not in STAGGERS:
@@ -200,8 +199,7 @@ def _burn_in(problem, thetas, particles: Particle, key: jax.Array, schedule: Epi
     def body(w, parts):
         keys = jax.random.split(jax.random.fold_in(k_run, w), n)
         stepped, _ = unroll(problem, thetas, parts, keys, schedule)
-        active = w < offsets
-        return jax.tree.map(lambda a, b: jnp.where(_bcast(active, a), a, b), stepped, parts)
+        return _select(w < offsets, stepped, parts)
 
     return jax.lax.fori_loop(0, max_windows, body, particles)
 
