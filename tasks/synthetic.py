@@ -99,7 +99,8 @@ class Toy2DRegression(struct.PyTreeNode):
     """Inner SGD on `toy_loss` from x = (1, 1) with lr_t = e^θ₀ (T−t)/T + e^θ₁ t/T.
 
     The per-step loss is f after the step; the paper's meta-objective is the sum of f over
-    the T steps of an episode (2488 at θ = (−4, −4); about 553 at its grid minimum).
+    the T steps of an episode (the paper: 2488 at θ = (−4, −4), about 553 at its grid
+    minimum; the first is checked in tests/test_synthetic.py).
 
     Attributes:
       horizon: T for `meta_objective` (episodes in meta-training take their length from
