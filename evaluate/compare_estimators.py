@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - t0
         rows = read_metrics(str(out / name))
         m = config.meta
-        per_outer = (1 if name == "tbptt" else 2) * m.num_pairs * m.window
+        per_outer = m.inner_steps_per_outer_step
         curves[name] = {
             "inner_steps": [r["step"] * per_outer for r in rows],
             "meta_loss": [r["meta_loss"] for r in rows],

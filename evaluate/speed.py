@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_note = f"random 8x8 images ({args.dataset} not found)"
     run = build_run(config, family)
     m = config.meta
-    inner_per_outer = (1 if m.estimator == "tbptt" else 2) * m.num_pairs * m.window
+    inner_per_outer = m.inner_steps_per_outer_step
     state = run.init_state()
     n_params = sum(x.size for x in jax.tree.leaves(state.theta))
 

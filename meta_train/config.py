@@ -146,6 +146,11 @@ class MetaConfig:
         if self.sigma <= 0:
             raise ConfigError("meta.sigma must be > 0")
 
+    @property
+    def inner_steps_per_outer_step(self) -> int:
+        """Inner steps of all unrolls in one outer step (TBPTT runs one member per particle)."""
+        return (1 if self.estimator == "tbptt" else 2) * self.num_pairs * self.window
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:

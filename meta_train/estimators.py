@@ -274,7 +274,7 @@ class PersistentES(_Base):
         # (Fresh states are treated as independent of θ.)
         crossed = jnp.any(out.resets, axis=1)
         ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
-        restart = _scale(ran_after.astype(eps_dtype(eps)), eps)
+        restart = _select(ran_after, eps, jax.tree.map(jnp.zeros_like, eps))
         new_accum = _select(crossed, restart, xi) if self.mode == "pes" else accum
         return per_pair, particles, new_accum, eps, _window_stats(out, ok, self.objective)
 
@@ -300,10 +300,6 @@ class PersistentES(_Base):
             tuple(r[3] for r in results),
         )
         return grad, new_state, metrics
-
-
-def eps_dtype(tree: Any):
-    return jax.tree.leaves(tree)[0].dtype
 
 
 def _select(cond: jax.Array, a: Any, b: Any) -> Any:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from meta_train.unroll import all_finite
+
 
 class LearnerState(struct.PyTreeNode):
     """Everything a resumed run needs besides the config.
@@ -66,7 +68,7 @@ def outer_step(estimator, state: LearnerState, outer_opt) -> tuple[LearnerState,
     key, k_est = jax.random.split(state.key)
     grad, est_state, metrics = estimator.estimate(state.est_state, state.theta, k_est)
     # A non-finite estimate must never reach θ: drop it whole rather than nan_to_num parts.
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
+    finite = all_finite(grad)
     grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
     updates, opt_state = outer_opt.update(grad, state.opt_state, state.theta)
     theta = optax.apply_updates(state.theta, updates)

@@ -15,6 +15,7 @@ import optax
 from flax import struct
 
 from lopt.base import LearnedOptimizer
+from meta_train.unroll import all_finite
 from tasks.classification import ClassificationTask, TaskHParams
 
 
@@ -55,7 +56,7 @@ class LOptProblem(struct.PyTreeNode):
             grads, inner.opt_state, inner.params, loss
         )
         params = optax.apply_updates(inner.params, updates)
-        finite = jnp.isfinite(loss) & _all_finite(params)
+        finite = jnp.isfinite(loss) & all_finite(params)
         return LOptInner(inner.hp, params, opt_state), self._clip(loss), finite
 
     def eval_loss(self, theta: Any, inner: LOptInner, key: jax.Array) -> jax.Array:
@@ -66,7 +67,3 @@ class LOptProblem(struct.PyTreeNode):
 
     def _clip(self, loss: jax.Array) -> jax.Array:
         return jnp.minimum(jnp.nan_to_num(loss, nan=self.loss_clip), self.loss_clip)
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -86,7 +86,7 @@ def meta_train(run: Run, *, resume: bool = False, stream=None):
     )
     start, total = int(state.step), m.outer_steps
     bar = ProgressBar(total, initial=start, stream=stream)
-    inner_per_outer = (1 if m.estimator == "tbptt" else 2) * m.num_pairs * m.window
+    inner_per_outer = m.inner_steps_per_outer_step
     metrics: dict = {}
     try:
         t_log, logged_at = time.perf_counter(), start

@@ -116,6 +116,11 @@ class WindowOut(NamedTuple):
         return jnp.cumsum(r) - r
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf of `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _where(cond, a, b):
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
