@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source scripts/bootstrap.sh
-exec python -m pytest -q "$@"
+exec python -m pytest -q -rs "$@"

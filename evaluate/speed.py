@@ -1,12 +1,22 @@
 """Meta-training throughput benchmark on the reference configuration.
 
-    python -m evaluate.speed [--outer-steps 40] [--json out.json]
+    python -m evaluate.speed [--cores N] [--outer-steps 40] [--json out.json]
+    python -m evaluate.speed --compare [--cores 1,2] [--rounds 3]
 
-Reference configuration (issue #2): 8×8 grayscale image MLP with one hidden layer of 32
-units, batch 128; the per-parameter MLP optimizer with two hidden layers of 32 (about 1,800
-meta-parameters); PES with 8 antithetic pairs (16 unrolls) and a truncation window of 20.
-Prints inner steps per second (wall, and per CPU-second counting every unroll), compile
-time, whether sampling new tasks of equal shapes recompiled, and peak RSS.
+Reference configuration: 8×8 grayscale Fashion-MNIST MLP (64-32-10, ReLU, batch 128); the
+per-parameter MLP optimizer with two hidden layers of 32 (1,794 meta-parameters); PES with 8
+antithetic pairs (16 unrolls), a truncation window of 20 and episodes of 1,000 steps: the
+configuration `../shared/reference/learned_optimization/run_baseline.py` runs with google's
+learned_optimization. Prints inner steps per second (wall, and per CPU-second counting every
+thread), compile time of the first outer step, whether sampling new tasks of equal shapes
+recompiled, FLOPs per inner step and the achieved FLOP rate against a large float32 matmul
+on the same cores, and peak RSS.
+
+`--compare` runs this benchmark and the reference alternately, each in a fresh process
+pinned to the same number of cores, and prints both figures and their ratio per round:
+on shared machines absolute figures drift by up to 2x from hour to hour, so only a ratio
+measured side by side means anything. It needs the reference's environment, built with
+`bash ../shared/reference/learned_optimization/setup.sh` (see `--reference-python`).
 
 Data: Fashion-MNIST resized to 8×8 when it can be found (LOPT_DATA_DIR or
 /usr/share/datasets/fashion-mnist); otherwise random 8×8 images of the same shape (speed does
@@ -19,8 +29,11 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -41,7 +54,7 @@ REFERENCE = [
     "lopt.hidden_layers=2",
     "meta.num_pairs=8",
     "meta.window=20",
-    "meta.min_episode_len=200",
+    "meta.min_episode_len=1000",
     "meta.max_episode_len=1000",
     "meta.task_groups=1",
 ]
@@ -63,6 +76,144 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _matmul_gflops() -> float:
+    """FLOP rate of a large float32 matmul on this process's cores: the practical peak."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            r = f(a)
+        jax.block_until_ready(r)
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return 2 * n**3 / best / 1e9
+
+
+def _flops_per_inner_step(run) -> float:
+    """XLA's FLOP count of one inner step (task gradient and optimizer update) of one unroll."""
+    problem = run.estimator.problems[0]
+    theta = run.lopt.init_meta(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    inner = problem.reset(theta, key, jax.numpy.int32(1000))
+    cost = jax.jit(problem.step).lower(theta, inner, key).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+REFERENCE_SCRIPT = (
+    Path(__file__).resolve().parents[2] / "shared/reference/learned_optimization/run_baseline.py"
+)
+REFERENCE_PYTHON = Path(os.environ.get("TMPDIR", "/tmp")) / "lo-reference-venv/bin/python"
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def compare(
+    cores: list[int], rounds: int, outer_steps: int, ref_python: str, ref_script: str
+) -> list[dict]:
+    """Runs this benchmark and the reference alternately in fresh pinned processes.
+
+    Args:
+      cores: core counts to measure at (each is a separate block of rounds).
+      rounds: alternations per core count.
+      outer_steps: timed outer steps of each run.
+      ref_python: the reference environment's Python.
+      ref_script: the reference's `run_baseline.py`.
+
+    Returns:
+      One record per round: cores, both figures, their ratios.
+    """
+    rows = []
+    for c in cores:
+        for r in range(rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                out_json = os.path.join(tmp, "ours.json")
+                ref = subprocess.run(
+                    [ref_python, ref_script, "--cores", str(c), "--outer-steps", str(outer_steps)],
+                    capture_output=True,
+                    text=True,
+                )
+                if ref.returncode != 0:
+                    raise RuntimeError(f"the reference failed:\n{ref.stderr[-3000:]}")
+                ref_out = _last_json(ref.stdout)
+                ours = subprocess.run(
+                    [sys.executable, "-m", "evaluate.speed", "--cores", str(c)]
+                    + ["--outer-steps", str(outer_steps), "--json", out_json],
+                    capture_output=True,
+                    text=True,
+                )
+                if ours.returncode != 0:
+                    raise RuntimeError(f"this project's benchmark failed:\n{ours.stderr[-3000:]}")
+                with open(out_json) as f:
+                    our_out = json.load(f)
+            row = {
+                "cores": c,
+                "round": r + 1,
+                "ref_steps_per_cpu_s": ref_out["inner_steps_per_cpu_s"],
+                "ours_steps_per_cpu_s": our_out["inner_steps_per_cpu_s"],
+                "ratio_cpu": our_out["inner_steps_per_cpu_s"] / ref_out["inner_steps_per_cpu_s"],
+                "ref_steps_per_wall_s": ref_out["inner_steps_per_s_wall"],
+                "ours_steps_per_wall_s": our_out["inner_steps_per_s_wall"],
+                "ratio_wall": our_out["inner_steps_per_s_wall"] / ref_out["inner_steps_per_s_wall"],
+                "ref_compile_s": ref_out["compile_s"],
+                "ours_compile_s": our_out["compile_s"],
+            }
+            rows.append(row)
+            print(
+                f"cores={c} round {r + 1}: steps/CPU-s ref {row['ref_steps_per_cpu_s']:,.0f} "
+                f"ours {row['ours_steps_per_cpu_s']:,.0f} ({row['ratio_cpu']:.2f}x); "
+                f"steps/wall-s ref {row['ref_steps_per_wall_s']:,.0f} "
+                f"ours {row['ours_steps_per_wall_s']:,.0f} ({row['ratio_wall']:.2f}x); "
+                f"compile ref {row['ref_compile_s']:.1f} s ours {row['ours_compile_s']:.1f} s",
+                flush=True,
+            )
+    print(format_comparison(rows))
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """A markdown table of ranges (min–max over rounds) per core count."""
+
+    def rng(xs, fmt):
+        lo, hi = min(xs), max(xs)
+        return (
+            fmt.format(lo)
+            if fmt.format(lo) == fmt.format(hi)
+            else f"{fmt.format(lo)}–{fmt.format(hi)}"
+        )
+
+    lines = [
+        "| cores | rounds | reference steps/CPU-s | this project | ratio (same round) "
+        "| reference steps/wall-s | this project | ratio | compile: reference | this project |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted({r["cores"] for r in rows}):
+        rs = [r for r in rows if r["cores"] == c]
+
+        def col(k, fmt, rs=rs):
+            return rng([r[k] for r in rs], fmt)
+
+        lines.append(
+            f"| {c} | {len(rs)} | {col('ref_steps_per_cpu_s', '{:,.0f}')} "
+            f"| {col('ours_steps_per_cpu_s', '{:,.0f}')} | {col('ratio_cpu', '{:.2f}')}× "
+            f"| {col('ref_steps_per_wall_s', '{:,.0f}')} "
+            f"| {col('ours_steps_per_wall_s', '{:,.0f}')} "
+            f"| {col('ratio_wall', '{:.2f}')}× | {col('ref_compile_s', '{:.1f}')} s "
+            f"| {col('ours_compile_s', '{:.1f}')} s |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m evaluate.speed", description=__doc__.split("\n")[0])
     p.add_argument("--outer-steps", type=int, default=40, help="timed outer steps")
@@ -74,8 +225,41 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="pin the process to this many CPU cores before XLA starts (0: all)",
     )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run this benchmark and google's learned_optimization alternately at equal cores",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--compare: alternations per core count")
+    p.add_argument("--compare-cores", default="1,2", help="--compare: comma-separated core counts")
+    p.add_argument(
+        "--reference-python",
+        default=os.environ.get("LOPT_REFERENCE_PYTHON", str(REFERENCE_PYTHON)),
+        help="Python of the reference's environment (setup.sh's VENV/bin/python)",
+    )
+    p.add_argument("--reference-script", default=str(REFERENCE_SCRIPT))
     p.add_argument("overrides", nargs="*", help="extra config overrides section.key=value")
     args = p.parse_args(argv)
+    if args.compare:
+        missing = [
+            x for x in (args.reference_python, args.reference_script) if not Path(x).exists()
+        ]
+        if missing:
+            print(
+                f"error: the reference is not available ({', '.join(missing)} missing). Build it "
+                "with `bash ../shared/reference/learned_optimization/setup.sh VENV` and pass "
+                "--reference-python VENV/bin/python (or set LOPT_REFERENCE_PYTHON).",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        cores = [int(c) for c in args.compare_cores.split(",")]
+        rows = compare(
+            cores, args.rounds, args.outer_steps, args.reference_python, args.reference_script
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return {"rounds": rows}
     if args.cores:
         # XLA sizes its CPU thread pools from the affinity mask when its client starts (at
         # the first computation), so pinning here takes effect.
@@ -126,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     jax.block_until_ready(mm)
     recompiled = outer_step._cache_size() != cache0
 
+    flops = _flops_per_inner_step(run)
+    peak = _matmul_gflops()
+    achieved = flops * steps / wall / 1e9
     out = {
         "data": data_note,
         "meta_parameters": int(n_params),
@@ -135,6 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
         "inner_steps_per_s_wall": round(steps / wall, 1),
         "inner_steps_per_cpu_s": round(steps / cpu, 1),
         "recompiled_for_new_tasks": bool(recompiled),
+        "flops_per_inner_step": int(flops),
+        "achieved_gflops": round(achieved, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "fraction_of_matmul_peak": round(achieved / peak, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "devices": [str(d) for d in jax.devices()],
         "cpu_cores": len(os.sched_getaffinity(0)),

@@ -16,7 +16,6 @@ selection treats it as +inf, and the tables count diverged runs.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 
 from meta_train.config import EvalConfig
+from meta_train.jit import jit
 
 PRNGKey = jax.Array
 TxFactory = Callable[[int], optax.GradientTransformationExtraArgs]
@@ -132,7 +132,7 @@ def _train(task: Any, tx: Any, num_steps: int, key: PRNGKey, eval_every: int) ->
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("tx", "num_steps", "eval_every"))
+@jit(static_argnames=("tx", "num_steps", "eval_every"))
 def train(
     task: Any,
     tx: optax.GradientTransformation,
@@ -162,7 +162,7 @@ def train(
     return _train(task, tx, num_steps, key, eval_every)
 
 
-@functools.partial(jax.jit, static_argnames=("tx", "num_steps", "eval_every"))
+@jit(static_argnames=("tx", "num_steps", "eval_every"))
 def train_seeds(
     task: Any,
     tx: optax.GradientTransformation,
@@ -201,7 +201,7 @@ def select_lr(final_valid_loss: jax.Array, diverged: jax.Array) -> tuple[jax.Arr
     return jnp.argmin(score), score
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "eval_every"))
+@jit(static_argnames=("num_steps", "eval_every"))
 def tune_adam(
     task: Any,
     lrs: jax.Array,

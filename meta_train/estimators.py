@@ -102,16 +102,21 @@ class EstimatorState(struct.PyTreeNode):
 
 
 def normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
-    """`num` Gaussian perturbations of θ's shape with standard deviation `sigma`."""
+    """`num` Gaussian perturbations of θ's shape with standard deviation `sigma`.
+
+    One draw for the whole flattened θ, materialised once: XLA would otherwise fuse the
+    (elementwise) generator into every consumer of ε, compiling and running it many times.
+    """
     leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            sigma * jax.random.normal(k, (num,) + x.shape, x.dtype)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
+    dtype = jnp.result_type(*leaves)
+    size = sum(x.size for x in leaves)
+    u = jax.random.uniform(key, (2, num, size), dtype, minval=jnp.finfo(dtype).tiny)
+    flat = sigma * jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * jnp.pi * u[1])
+    out, start = [], 0
+    for x in leaves:
+        out.append(flat[:, start : start + x.size].reshape((num,) + x.shape).astype(x.dtype))
+        start += x.size
+    return jax.tree.unflatten(treedef, out)
 
 
 def pair_thetas(theta: Any, eps: Any) -> Any:

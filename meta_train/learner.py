@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from meta_train.jit import jit
 from meta_train.unroll import all_finite
 
 
@@ -48,7 +49,7 @@ def outer_optimizer(learning_rate: float, grad_clip: float) -> optax.GradientTra
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
 
 
-@functools.partial(jax.jit, static_argnames=("outer_opt",))
+@jit(static_argnames=("outer_opt",))
 def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerState:
     """The learner's initial state: fresh staggered particles and outer optimizer state."""
     k_est, k_run = jax.random.split(key)
@@ -62,7 +63,7 @@ def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerSta
     )
 
 
-@functools.partial(jax.jit, static_argnames=("outer_opt",), donate_argnames=("state",))
+@jit(static_argnames=("outer_opt",), donate_argnames=("state",))
 def outer_step(estimator, state: LearnerState, outer_opt) -> tuple[LearnerState, dict]:
     """One outer step: estimate, sanitise, clip, update. Jitted; `state` is donated."""
     key, k_est = jax.random.split(state.key)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 
 from meta_train.estimators import ESTIMATORS, WindowObjective, make_estimator
+from meta_train.jit import jit
 from meta_train.learner import init_learner, outer_step
 from meta_train.unroll import EpisodeSchedule
 from tasks.synthetic import InfluenceBalancing, LinearQuadratic, Toy2DRegression
@@ -82,7 +82,7 @@ def _outer(name: str, lr: float) -> optax.GradientTransformation:
     raise ValueError(f"unknown outer optimizer {name!r}; known: sgd, adam")
 
 
-@functools.partial(jax.jit, static_argnames=("outer_opt", "iterations"))
+@jit(static_argnames=("outer_opt", "iterations"))
 def _run_iterations(estimator, problem, state, outer_opt, iterations: int):
     """`iterations` outer steps in one scan, recording θ and the meta-objective."""
 

@@ -185,32 +185,23 @@ def unroll_window(
         jnp.full((members,), new_len, jnp.int32),
     )
 
-    def advance(p: Particle, k):
+    def body(p: Particle, xs):
+        k, last = xs
         inner, loss, finite = _member_map(problem.step, thetas, p.inner, shared=(k,))
-        return Particle(inner, p.step + 1, p.length), loss, finite
-
-    def settle(stepped: Particle, finite):
+        stepped = Particle(inner, p.step + 1, p.length)
         # One decision for the whole group keeps the members paired.
         reset = jnp.any(stepped.step >= stepped.length) | ~jnp.all(finite)
-        return _where(reset, fresh, stepped), reset
-
-    def body(p: Particle, k):
-        stepped, loss, finite = advance(p, k)
-        p, reset = settle(stepped, finite)
-        return p, (loss, finite, reset)
+        # The last step's reset waits until after the end-of-window evaluation, which must
+        # see the state before it; one traced copy of the step keeps the graph small.
+        return _where(reset & ~last, fresh, stepped), (loss, finite, reset)
 
     keys = jax.random.split(k_data, schedule.window)
-    particle, (losses, finite, resets) = jax.lax.scan(body, particle, keys[:-1])
-    # The last step is unrolled by hand so the end-of-window evaluation sees the state
-    # before a possible reset.
-    stepped, loss, fin = advance(particle, keys[-1])
+    last = jnp.arange(schedule.window) == schedule.window - 1
+    stepped, (losses, finite, resets) = jax.lax.scan(body, particle, (keys, last))
     if with_eval:
         ev = _member_map(problem.eval_loss, thetas, stepped.inner, shared=(k_eval,))
     else:
-        ev = jnp.zeros_like(loss)
-    particle, reset = settle(stepped, fin)
-    losses = jnp.concatenate([losses, loss[None]])
-    finite = jnp.concatenate([finite, fin[None]])
-    resets = jnp.concatenate([resets, reset[None]])
+        ev = jnp.zeros_like(losses[-1])
+    particle = _where(resets[-1], fresh, stepped)
     evals = jnp.zeros_like(losses).at[-1].set(ev)
     return particle, WindowOut(losses, finite, resets, evals)

@@ -88,12 +88,24 @@ def test_shape_choices_become_templates_and_dataset_index_is_respected():
 
 
 def test_full_split_metrics_cover_only_the_tasks_dataset():
-    data = to_device([_dataset("a", 0).splits, _dataset("b", 10).splits])
+    datasets = [_dataset("a", 0), _dataset("b", 10)]
+    data = to_device([d.splits for d in datasets])
     task = mlp_task(data, [8], 3)
     params = task.init(jax.random.PRNGKey(0))
-    m0 = task.full_split_metrics(params, "test")
-    m1 = task.replace(hp=task.hp.replace(dataset=jnp.int32(1))).full_split_metrics(params, "test")
-    assert float(m0["loss"]) != pytest.approx(float(m1["loss"]))
+    got = [
+        task.replace(hp=task.hp.replace(dataset=jnp.int32(i))).full_split_metrics(params, "test")
+        for i in range(2)
+    ]
+    assert float(got[0]["loss"]) != pytest.approx(float(got[1]["loss"]))
+    for ds, m in zip(datasets, got, strict=True):
+        # Reference: cross-entropy and accuracy in float64 over that dataset's rows only.
+        x, y = ds.splits["test"]
+        logits = np.asarray(task.logits(params, jnp.asarray(x)), np.float64)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        # float32 log-softmax and a masked mean over 50 rows: rtol=1e-5.
+        np.testing.assert_allclose(m["loss"], -logp[np.arange(len(y)), y].mean(), rtol=1e-5)
+        acc = np.mean(logits.argmax(axis=1) == y)
+        np.testing.assert_allclose(m["accuracy"], acc, rtol=1e-6)  # a float32 ratio of counts
 
 
 def test_default_family_builds_offline_from_mnist1d():

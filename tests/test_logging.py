@@ -47,6 +47,7 @@ def test_offline_run_writes_metrics_and_wandb_folder(tmp_path, isolated_env):
     logger.finish()
     logger.finish()  # idempotent
 
+    # Binary fractions logged: exact through float32 and JSON.
     assert read_lines(out / "metrics.jsonl") == [
         {"step": 0, "meta_loss": 2.5, "grad_norm": 0.25},
         {"step": 10, "meta_loss": 1.5, "inner_steps": 200.0, "lr": 3.0},

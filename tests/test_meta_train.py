@@ -12,10 +12,19 @@ import pytest
 
 from evaluate.suite import train_seeds
 from lopt.export import as_optax, load_optax
+from lopt.mlp_lopt import MLPLOpt
 from meta_train.build import build_run
 from meta_train.checkpoint import ConfigMismatchError
 from meta_train.config import ConfigError, load_config
+from meta_train.estimators import TBPTT, FullES, PersistentES, WindowObjective, make_estimator
+from meta_train.learner import init_learner, outer_optimizer, outer_step
+from meta_train.lopt_problem import LOptProblem
 from meta_train.main import main, meta_train
+from meta_train.unroll import EpisodeSchedule
+from tasks.base import cross_entropy
+from tasks.classification import TaskHParams, mlp_task
+from tasks.device_data import to_device
+from tasks.synthetic import LinearQuadratic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -72,6 +81,7 @@ def test_resume_continues_exactly(tmp_path):
     second = build_run(_config(tmp_path / "b", "meta.outer_steps=6", "run.checkpoint_every=3"))
     s_b, _ = meta_train(second, resume=True)
     assert int(s_b.step) == 6
+    # Resuming must be bit-identical to the uninterrupted run (same code, same machine).
     for a, b in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b), strict=True):
         np.testing.assert_array_equal(a, b)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
@@ -100,6 +110,144 @@ def test_diverging_inner_runs_never_poison_theta(tmp_path):
     assert all(np.isfinite(r["grad_norm"]) and np.isfinite(r["meta_loss"]) for r in log)
 
 
+def test_a_non_finite_estimate_never_reaches_theta():
+    # Real components whose estimate overflows although every inner step is finite: with
+    # a = 1e20 and σ = 1e10 the losses (θ±ε)·a ≈ 1e30 are finite, but the per-pair product
+    # ΔL·ε ≈ 1e40 overflows float32.
+    problem = LinearQuadratic(jnp.full((4, 2), 1e20))
+    estimator = make_estimator(
+        "pes", (problem,), EpisodeSchedule(2, 4, 4), pairs_per_group=4, sigma=1e10, stagger="none"
+    )
+    theta = jnp.array([0.5, -0.25])
+    outer_opt = outer_optimizer(1e-2, 1.0)
+    state = init_learner(estimator, theta, outer_opt, jax.random.PRNGKey(0))
+    # The estimate itself is non-finite and no pair was flagged: only the learner can stop it.
+    grad, _, est_metrics = estimator.estimate(state.est_state, state.theta, jax.random.PRNGKey(1))
+    assert not np.all(np.isfinite(np.asarray(grad)))
+    assert int(est_metrics["diverged_pairs"]) == 0
+    theta0 = np.asarray(state.theta).copy()
+    for _ in range(2):
+        state, metrics = outer_step(estimator, state, outer_opt)  # `state` is donated
+        assert not bool(metrics["grad_finite"])
+        assert float(metrics["grad_norm"]) == 0.0  # the dropped estimate is exactly zero
+        # Adam on an exactly zero gradient moves nothing: θ stays bit-identical.
+        np.testing.assert_array_equal(np.asarray(state.theta), theta0)
+    assert int(state.step) == 2
+
+
+class _FixedInit:
+    """Task init that ignores the key: fresh states (and so every reset) are known."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def __call__(self, key, x):
+        return self.params
+
+
+def _one_example_per_split_problem(lopt):
+    """3 classes; every split holds copies of one example of its own input and label, so
+    batches do not depend on the key and the train, valid and test losses all differ."""
+    inputs = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    splits = {
+        name: (np.repeat(inputs[i : i + 1], 8, axis=0), np.full(8, i, np.int32))
+        for i, name in enumerate(("train", "valid", "test"))
+    }
+    task = mlp_task(to_device([splits]), [8], 3, batch_size=4, activations=("tanh",))
+    task = task.replace(init_fn=_FixedInit(task.init(jax.random.PRNGKey(42))))
+    problem = LOptProblem(task, lopt, lambda key: TaskHParams.default(), loss_clip=100.0)
+    return problem, splits
+
+
+def _reference_episode(problem, splits, theta, steps):
+    """A plain loop over one fresh episode of `steps` steps: per-step training losses and
+    the losses of the whole validation and test splits after each step. Traceable in θ."""
+    task = problem.task
+    params = task.init(None)
+    opt = problem.lopt.optimizer(theta)
+    state = opt.init(params, steps)
+    x, y = (jnp.asarray(a) for a in splits["train"])
+    x_valid, y_valid = (jnp.asarray(a) for a in splits["valid"])
+    x_test, y_test = (jnp.asarray(a) for a in splits["test"])
+    losses, valid, test = [], [], []
+    for _ in range(steps):
+        loss, grads = jax.value_and_grad(task.loss)(params, (x[:4], y[:4]))
+        updates, state = opt.update(grads, state, params, loss)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+        valid.append(cross_entropy(task.logits(params, x_valid), y_valid))
+        test.append(cross_entropy(task.logits(params, x_test), y_test))
+    return jnp.stack(losses), jnp.stack(valid), jnp.stack(test)
+
+
+def test_valid_final_objective_is_the_validation_loss_before_the_reset_at_the_window_end():
+    # Episodes of exactly one window: its last step ends the episode and resets the state.
+    K = 5
+    lopt = MLPLOpt(step_mult=1.0)  # large steps, so the losses move visibly in K steps
+    theta = lopt.init_meta(jax.random.PRNGKey(0))
+    problem, splits = _one_example_per_split_problem(lopt)
+
+    def final_valid_loss(th):
+        train_losses, valid_losses, test_losses = _reference_episode(problem, splits, th, K)
+        return valid_losses[-1], (train_losses, valid_losses, test_losses)
+
+    reference = jax.jit(jax.value_and_grad(final_valid_loss, has_aux=True))
+    (valid_loss, (train_losses, valid_losses, test_losses)), ref_grad = reference(theta)
+    valid_loss = float(valid_loss)
+    # The numbers a wrong implementation would report are all far from the right one: the
+    # training loss of the last step, the test-split loss, the validation loss one step
+    # earlier or after the reset (of the initial parameters).
+    x, y = (jnp.asarray(a) for a in splits["valid"])
+    initial = cross_entropy(problem.task.logits(problem.task.init(None), x), y)
+    wrong = [train_losses[-1], test_losses[-1], valid_losses[-2], initial]
+    wrong = [float(w) for w in wrong]
+    assert all(abs(valid_loss - w) > 0.02 for w in wrong), (valid_loss, wrong)
+    sched = EpisodeSchedule(K, K, K)
+    objective = WindowObjective("valid_final")
+
+    # TBPTT runs θ itself: its meta-loss is the validation loss and its gradient is the
+    # gradient of that loss through the whole (one-window) episode.
+    tbptt = make_estimator(
+        "tbptt",
+        (problem,),
+        sched,
+        pairs_per_group=2,
+        sigma=0.01,
+        objective=objective,
+        stagger="none",
+    )
+    state = tbptt.init(jax.random.PRNGKey(1), theta)
+    estimate = jax.jit(tbptt.estimate)
+    for window in range(2):  # the second window starts from the reset state again
+        grad, state, metrics = estimate(state, theta, jax.random.PRNGKey(10 + window))
+        # The same float32 computation compiled differently (scan, vmap, jit) rounds
+        # differently; this trajectory amplifies that little (measured 1e-7): rtol=1e-5.
+        np.testing.assert_allclose(float(metrics["meta_loss"]), valid_loss, rtol=1e-5)
+        assert float(metrics["reset_fraction"]) == 1.0  # a ratio of counts: exact
+        # Gradients through 5 float32 steps: within 1e-3 of each leaf's largest entry.
+        for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+            scale = float(np.abs(np.asarray(r)).max())
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-3 * scale, rtol=0)
+
+    # PES (the default estimator): the meta-loss is the mean over pairs of the members'
+    # validation losses, [L(θ+ε) + L(θ−ε)]/2 = L(θ) + O(σ²).
+    pes = make_estimator(
+        "pes",
+        (problem,),
+        sched,
+        pairs_per_group=4,
+        sigma=1e-5,
+        objective=objective,
+        stagger="none",
+    )
+    state = pes.init(jax.random.PRNGKey(2), theta)
+    _, state, metrics = jax.jit(pes.estimate)(state, theta, jax.random.PRNGKey(3))
+    # The σ² term is ~5e3·σ² here (1.2e-4 of the loss measured at σ = 1e-4), so ~1e-6 of
+    # the loss at σ = 1e-5, plus float32 rounding: rtol=1e-5, while every wrong number
+    # above is > 0.02 away.
+    np.testing.assert_allclose(float(metrics["meta_loss"]), valid_loss, rtol=1e-5)
+
+
 def test_checkpoint_alone_gives_the_exported_optimizer(tmp_path):
     run = build_run(_config(tmp_path, "meta.outer_steps=2", "run.checkpoint_every=2"))
     state, _ = meta_train(run)
@@ -109,6 +257,7 @@ def test_checkpoint_alone_gives_the_exported_optimizer(tmp_path):
     u_loaded, _ = tx.update(grads, tx.init(params), params, loss=jnp.float32(1.0))
     opt = run.lopt.optimizer(state.theta)
     u_direct, _ = opt.update(grads, opt.init(params, 50), params, jnp.float32(1.0))
+    # Checkpoints restore θ bit for bit and the export calls the same update: exact.
     np.testing.assert_array_equal(u_loaded["w"], u_direct["w"])
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
 
@@ -164,14 +313,46 @@ def test_main_rejects_a_bad_config_key(capsys):
     assert "meta.windw" in capsys.readouterr().err
 
 
+ESTIMATOR_CLASSES = {
+    "pes": PersistentES,
+    "es_single": PersistentES,
+    "tes": PersistentES,
+    "full_es": FullES,
+    "tbptt": TBPTT,
+}
+
+
+def _assert_built_as_configured(run):
+    """The estimator `build_run` made is the one `meta.*` asks for, option by option."""
+    m, est = run.config.meta, run.estimator
+    assert type(est) is ESTIMATOR_CLASSES[m.estimator]
+    if isinstance(est, PersistentES):
+        assert est.mode == m.estimator
+    if not isinstance(est, TBPTT):
+        assert est.sigma == m.sigma
+    assert est.objective.kind == m.objective
+    assert est.objective.sign == m.sign_diff
+    assert est.objective.clip == m.diff_clip
+    assert est.stagger == m.stagger
+    assert len(est.problems) == m.task_groups
+    assert est.pairs_per_group * m.task_groups == m.num_pairs
+    sched = est.schedule
+    assert (sched.window, sched.min_len, sched.max_len) == (
+        m.window,
+        m.min_episode_len,
+        m.max_episode_len,
+    )
+
+
 @pytest.mark.parametrize(
     "estimator, extra",
     [
+        # Between them the cases set every option away from its default.
         ("pes", ["meta.objective='valid_final'", "meta.diff_clip=1.0"]),
-        ("es_single", ["meta.stagger='burn_in'"]),
+        ("es_single", ["meta.stagger='burn_in'", "meta.sigma=0.03"]),
         ("tes", ["meta.objective='final'", "meta.sign_diff=true"]),
-        ("full_es", ["meta.window=50"]),
-        ("tbptt", ["meta.stagger='none'"]),
+        ("full_es", ["meta.window=50", "meta.stagger='none'"]),
+        ("tbptt", ["meta.stagger='none'", "meta.objective='final'"]),
     ],
 )
 def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, estimator, extra):
@@ -185,6 +366,11 @@ def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, est
             *extra,
         )
     )
+    _assert_built_as_configured(run)
+    expected = {e.split("=")[0]: e.split("=")[1].strip("'") for e in extra}
+    assert run.config.meta.estimator == estimator
+    for key, value in expected.items():  # the overrides really reached the config
+        assert str(getattr(run.config.meta, key.split(".")[1])).lower() == value.lower(), key
     theta0 = run.init_state().theta
     state, _ = meta_train(run)
     leaves0, leaves1 = jax.tree.leaves(theta0), jax.tree.leaves(state.theta)
@@ -194,5 +380,45 @@ def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, est
     assert len(rows) == 3
     for key in ("estimate_variance", "grad_cosine", "reset_fraction", "meta_loss", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    assert rows[0]["grad_cosine"] == 0.0  # no previous gradient yet
+    assert rows[0]["grad_cosine"] == 0.0  # no previous gradient: a dot with zeros, exactly 0
     assert -1.0 <= rows[-1]["grad_cosine"] <= 1.0
+
+
+def test_two_task_groups_from_the_config(tmp_path):
+    # The default job's meta.task_groups=2: two groups of particles, each with a template
+    # (shape) of the family; here with two hidden sizes to choose from. That the estimate
+    # averages over the pairs of all groups is checked exactly in test_estimators.py.
+    run = build_run(
+        _config(
+            tmp_path,
+            "meta.task_groups=2",
+            "task_family.hidden_sizes=[[16], [8]]",
+            "meta.outer_steps=3",
+            "run.log_every=1",
+        )
+    )
+    _assert_built_as_configured(run)
+    assert len(run.templates) == 2 and run.estimator.pairs_per_group == 2
+    state = run.init_state()
+    before = []
+    for g, problem in enumerate(run.estimator.problems):
+        template = run.family.templates[run.templates[g]]
+        assert problem.task.batch_size == template.batch_size
+        want = jax.tree.map(np.shape, template.init(jax.random.PRNGKey(0)))
+        # Every pair and member of group g holds parameters of its own template's shape.
+        got = jax.tree.map(lambda x: x.shape[2:], state.est_state.particles[g].inner.params)
+        assert got == want, (g, got, want)
+        before.append(jax.tree.map(np.array, state.est_state.particles[g].inner.params))
+    theta0 = jax.tree.map(np.array, state.theta)
+    state, metrics = meta_train(run)
+    # Both groups' particles advanced (trained, or reset to a new task: either changes them).
+    for g in range(2):
+        after = state.est_state.particles[g].inner.params
+        for a, b in zip(jax.tree.leaves(before[g]), jax.tree.leaves(after), strict=True):
+            changed = np.any(a != np.asarray(b), axis=tuple(range(2, a.ndim)))
+            assert changed.all(), g  # every pair and member of the group
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(theta0), jax.tree.leaves(state.theta), strict=True)
+    )
+    assert all(np.isfinite(v) for v in metrics.values())

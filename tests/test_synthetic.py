@@ -16,6 +16,7 @@ def test_influence_balancing_steady_state_and_optimum():
     s = p.reset(jnp.float32(-1 / 6), None, None)
     for _ in range(2000):
         s, loss, finite = p.step(jnp.float32(-1 / 6), s, None)
+    # 2,000 float32 steps converge geometrically (rate 1/2): round-off well below 1e-4.
     assert bool(finite) and float(s[0]) == pytest.approx(1.0, abs=1e-4)
     assert float(p.meta_objective(jnp.float32(-1 / 6))) < 1e-6
     assert float(p.meta_objective(jnp.float32(0.5))) > 1.0
@@ -23,16 +24,17 @@ def test_influence_balancing_steady_state_and_optimum():
 
 def test_toy2d_meta_objective_at_the_papers_start():
     p = Toy2DRegression(horizon=100)
-    # 100 × f(≈(1, 1)) with tiny learning rates: the paper's 2488.
+    # 100 × f(≈(1, 1)) with tiny learning rates: the paper's 2488 (a rounded figure: 1 %).
     assert float(p.meta_objective(jnp.array([-4.0, -4.0]))) == pytest.approx(2488, rel=0.01)
     f11 = np.sqrt(6) - np.sqrt(5) + np.sin(1) ** 2 * np.exp(-5) + 0.25 * 99
+    # float32 sqrt, sin, exp and a sum ≈ 25: a few ulp, rel=1e-6 (~8 ulp).
     assert float(toy_loss(jnp.array([1.0, 1.0]))) == pytest.approx(f11, rel=1e-6)
 
 
 def test_linear_quadratic_optimum():
     p = LinearQuadratic.random(jax.random.PRNGKey(0), 10, 3, curvature=2.0)
     g = jax.grad(p.meta_objective)(p.optimum)
-    np.testing.assert_allclose(g, 0.0, atol=1e-5)
+    np.testing.assert_allclose(g, 0.0, atol=1e-5)  # float32 gradient of O(1) terms
 
 
 def test_command_writes_json_and_png_and_separates_estimators(tmp_path, capsys):
@@ -94,6 +96,7 @@ def test_command_overrides_every_setting(tmp_path):
     run = res["runs"]["es_single (K=5)"]
     optimum = np.asarray(res["optimum"])
     assert optimum.shape == (4,)
+    # 300 noisy ES steps from θ₀ = 1 land near θ* (not on it): a convergence tolerance.
     np.testing.assert_allclose(run["final_theta"], optimum, atol=0.15)
 
 
