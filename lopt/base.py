@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 MetaParams = Any
 Params = Any
@@ -45,3 +46,24 @@ class LearnedOptimizer(Protocol):
 
     def optimizer(self, theta: MetaParams) -> Optimizer:
         """Returns the optimizer with meta-parameters `theta`."""
+
+
+def past_horizon_decay(step: jax.Array, num_steps: jax.Array) -> jax.Array:
+    """Update scale for training on past the declared horizon: 1 up to `num_steps`, then
+    `num_steps / step`.
+
+    A learned optimizer's progress features end at the horizon; saturating them repeats the
+    last step's behaviour indefinitely, which it was never trained for. Decaying the step as
+    1/t from there (the Robbins-Monro schedule) continues the end-of-training annealing: a
+    user who trains longer than declared keeps converging instead of drifting. Inside the
+    horizon the optimizer is unchanged.
+
+    Args:
+      step: steps taken before this update (int).
+      num_steps: the declared horizon (int).
+
+    Returns:
+      A float32 scalar in (0, 1].
+    """
+    num = jnp.maximum(num_steps.astype(jnp.float32), 1.0)
+    return jnp.minimum(1.0, num / jnp.maximum(step.astype(jnp.float32), 1.0))

@@ -31,7 +31,11 @@ def as_optax(
 
     Returns:
       A `GradientTransformationExtraArgs` whose `update(updates, state, params, *, loss)`
-      requires `params` and the scalar training `loss` of the current step.
+      requires `params` and the scalar training `loss` of the current step. Learned
+      optimizers compute in float32 for any parameter dtype, give non-finite gradient
+      entries a zero update without letting them into their state, anneal (1/t) instead of
+      extrapolating when trained past `num_steps`, and pass non-float leaves through with
+      zero updates (see `lopt.mlp_lopt`).
     """
     opt = lopt.optimizer(theta)
 

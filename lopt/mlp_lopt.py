@@ -10,6 +10,18 @@ it belongs to, plus training-progress features shared by all parameters. A small
 outputs a direction d and a log-magnitude m; the update is
 `step_mult * d * exp(exp_mult * m)`, so a freshly initialised network takes small, stable
 steps (about `step_mult` per parameter).
+
+Numerics, whatever the parameter tree holds:
+
+* features, state and network are float32 for any float parameter dtype (float16, bfloat16,
+  float64); only the update is cast back to the parameter's dtype;
+* non-finite gradient entries (NaN, ±inf) get a zero update and leave the state untouched;
+  squares of huge finite gradients are capped, so the state stays finite;
+* past `num_steps` the progress features stay at their end-of-training values and the
+  update decays as `num_steps / step` (`lopt.base.past_horizon_decay`): training on past the
+  declared horizon continues the end-of-training annealing instead of extrapolating;
+* non-float leaves (integer counters, `float0` gradients from `jax.grad(allow_int=True)`)
+  get zero updates of the parameter's dtype; a tree with no float leaves passes through.
 """
 
 from __future__ import annotations
@@ -22,9 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lopt.base import MetaParams, Optimizer
+from lopt.base import MetaParams, Optimizer, past_horizon_decay
 
 _EPS = 1e-8
+# Gradient squares are capped here: v stays below float32's maximum (3.4e38).
+_MAX_SQUARE = 1e38
 
 
 class MLPLOptState(NamedTuple):
@@ -93,14 +107,23 @@ def _apply_net(theta: MetaParams, per_param: jax.Array, shared: jax.Array) -> ja
 
 
 def _progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:
-    """Training-progress features shared by every parameter."""
-    frac = step.astype(jnp.float32) / jnp.maximum(num_steps.astype(jnp.float32), 1.0)
+    """Training-progress features shared by every parameter.
+
+    The fraction of training done saturates at 1: training on past the declared horizon
+    looks like its last step, instead of extrapolating features never seen in meta-training.
+    """
+    num = jnp.maximum(num_steps.astype(jnp.float32), 1.0)
+    frac = jnp.minimum(step.astype(jnp.float32), num) / num
     scales = jnp.array([3.0, 10.0, 30.0, 100.0, 300.0])
     return jnp.concatenate([jnp.stack([frac, frac**2, jnp.sqrt(frac)]), jnp.tanh(step / scales)])
 
 
 def _normalise(x: jax.Array) -> jax.Array:
-    """Divides every feature row of [features, n] by its root mean square over the n."""
+    """Divides every feature row of [features, n] by its root mean square over the n.
+
+    Inputs are finite (non-finite gradients are masked, squares capped), so a row whose
+    mean square overflows float32 (entries beyond ~1e19) becomes zero, never NaN.
+    """
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + _EPS)
 
 
@@ -161,19 +184,33 @@ class MLPLOpt:
             del loss  # this optimizer does not use the loss
             if params is None:
                 raise ValueError("MLPLOpt.update needs the current params")
-            p_leaves = _float_leaves(params)
-            g_leaves = [g.astype(jnp.float32) for g in _float_leaves(grads)]
-            momenta, rms, rows = [], [], []
-            for p, g, m, v in zip(p_leaves, g_leaves, state.momenta, state.rms, strict=True):
+            p_all, treedef = jax.tree.flatten(params)
+            g_all = treedef.flatten_up_to(grads)
+            floats = [i for i, p in enumerate(p_all) if _is_float(p)]
+            if len(floats) != len(state.rms):
+                raise ValueError(
+                    f"params have {len(floats)} float leaves, the optimizer state was made "
+                    f"for {len(state.rms)}: init the state with these params"
+                )
+            momenta, rms, rows, finites = [], [], [], []
+            for i, m, v in zip(floats, state.momenta, state.rms, strict=True):
+                p = jnp.asarray(p_all[i]).astype(jnp.float32)
+                g = jnp.asarray(g_all[i]).astype(jnp.float32)
+                # Non-finite gradient entries get a zero update and leave the state alone.
+                finite = jnp.isfinite(g)
+                g = jnp.where(finite, g, 0.0)
                 d = decays.reshape((n_decays,) + (1,) * g.ndim)
-                m = m * d + g[None] * (1 - d)
-                v = v * self.rms_decay + jnp.square(g) * (1 - self.rms_decay)
+                m = jnp.where(finite[None], m * d + g[None] * (1 - d), m)
+                # Squares of |g| > ~1e19 overflow float32: cap them (v stays finite).
+                sq = jnp.minimum(jnp.square(g), _MAX_SQUARE)
+                v = jnp.where(finite, v * self.rms_decay + sq * (1 - self.rms_decay), v)
                 momenta.append(m)
                 rms.append(v)
+                finites.append(finite)
                 inv = jax.lax.rsqrt(v + _EPS)
                 feats = jnp.concatenate(
                     [
-                        p.astype(jnp.float32).reshape(1, -1),
+                        p.reshape(1, -1),
                         g.reshape(1, -1),
                         m.reshape(n_decays, -1),
                         v.reshape(1, -1),
@@ -182,16 +219,21 @@ class MLPLOpt:
                     ]
                 )
                 rows.append(_normalise(feats))
+            new_state = MLPLOptState(momenta, rms, state.step + 1, state.num_steps)
+            upd_all = [jnp.zeros_like(p) for p in p_all]  # non-float leaves: no update
+            if not floats:
+                return jax.tree.unflatten(treedef, upd_all), new_state
             shared = _progress_features(state.step, state.num_steps)
             out = _apply_net(theta, jnp.concatenate(rows, axis=1), shared)
-            step = self.step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
-            offsets = _cumsum([p.size for p in p_leaves])
-            upd_leaves = [
-                step[a - p.size : a].reshape(p.shape).astype(p.dtype)
-                for a, p in zip(offsets, p_leaves, strict=True)
-            ]
-            updates = _unflatten_like(grads, upd_leaves)
-            return updates, MLPLOptState(momenta, rms, state.step + 1, state.num_steps)
+            step_mult = self.step_mult * past_horizon_decay(state.step, state.num_steps)
+            step = step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
+            start = 0
+            for i, finite in zip(floats, finites, strict=True):
+                p = p_all[i]
+                u = step[start : start + p.size].reshape(p.shape)
+                upd_all[i] = jnp.where(finite, u, 0.0).astype(p.dtype)
+                start += p.size
+            return jax.tree.unflatten(treedef, upd_all), new_state
 
         return Optimizer(init, update)
 
@@ -202,19 +244,3 @@ def _is_float(x) -> bool:
 
 def _float_leaves(tree) -> list[jax.Array]:
     return [jnp.asarray(x) for x in jax.tree.leaves(tree) if _is_float(x)]
-
-
-def _unflatten_like(tree, float_values: list[jax.Array]):
-    """Puts `float_values` back at the float leaves of `tree`; other leaves get zeros."""
-    leaves, treedef = jax.tree.flatten(tree)
-    it = iter(float_values)
-    out = [next(it) if _is_float(x) else jnp.zeros_like(x) for x in leaves]
-    return jax.tree.unflatten(treedef, out)
-
-
-def _cumsum(xs: Sequence[int]) -> list[int]:
-    out, total = [], 0
-    for x in xs:
-        total += x
-        out.append(total)
-    return out

@@ -5,6 +5,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -51,7 +52,7 @@ def _reference_update(lopt, theta, p, g, m, v, step, num_steps):
     columns = [p, g, *np.moveaxis(m, -1, 0), v, *np.moveaxis(m * inv[..., None], -1, 0), g * inv]
     feats = np.stack([c.ravel() for c in columns], axis=1)  # one row per parameter
     feats = feats / np.sqrt(np.mean(feats**2, axis=0, keepdims=True) + EPS)  # per tensor
-    frac = step / max(num_steps, 1)
+    frac = min(step, num_steps) / max(num_steps, 1)  # saturates past the horizon
     shared = [frac, frac**2, np.sqrt(frac)] + [np.tanh(step / s) for s in TANH_SCALES]
     x = np.concatenate([feats, np.tile(shared, (feats.shape[0], 1))], axis=1)
     w = jax.tree.map(lambda a: np.asarray(a, np.float64), theta)
@@ -60,7 +61,8 @@ def _reference_update(lopt, theta, p, g, m, v, step, num_steps):
         h = np.maximum(h @ w[f"Dense_{i}"]["kernel"] + w[f"Dense_{i}"]["bias"], 0.0)
     last = w[f"Dense_{lopt.hidden_layers - 1}"]
     out = h @ last["kernel"] + last["bias"]
-    u = lopt.step_mult * out[:, 0] * np.exp(lopt.exp_mult * out[:, 1])
+    decay = min(1.0, num_steps / max(step, 1))  # 1/t annealing past the horizon
+    u = decay * lopt.step_mult * out[:, 0] * np.exp(lopt.exp_mult * out[:, 1])
     return u.reshape(p.shape), m, v
 
 
@@ -203,3 +205,153 @@ def test_registry_rejects_unknown_kind_and_option():
     with pytest.raises(ValueError, match="hidden_sz"):
         make_lopt("mlp", hidden_sz=3)
     assert make_lopt("mlp", hidden_size=8).hidden_size == 8
+
+
+def _trained_looking_theta(lopt, seed=0):
+    """Meta-parameters with every entry perturbed (biases start at zero)."""
+    theta = lopt.init_meta(jax.random.PRNGKey(seed))
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_params_get_the_float32_update_cast_once(dtype):
+    # The issue's case: a 32×40 kernel in float16 got NaN updates in 583 of 1,280 entries,
+    # because the squared gradients and the normalisation ran in float16.
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    rng = np.random.default_rng(0)
+    p32 = {"kernel": rng.normal(size=(32, 40)).astype(np.float32), "bias": np.zeros(40, np.float32)}
+    g32 = {k: (300.0 * rng.normal(size=v.shape)).astype(np.float32) for k, v in p32.items()}
+    low = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
+    p, g = low(p32), low(g32)
+    updates, state = opt.update(g, opt.init(p, 100), p, jnp.float32(1.0))
+    # The reference: the same (rounded) numbers in float32 throughout, cast at the end.
+    up32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+    ref, ref_state = opt.update(up32(g), opt.init(up32(p), 100), up32(p), jnp.float32(1.0))
+    for k in p32:
+        assert updates[k].dtype == dtype and np.all(np.isfinite(np.asarray(updates[k], np.float32)))
+        # Identical float32 computation, one final rounding to the low-precision type.
+        np.testing.assert_array_equal(updates[k], ref[k].astype(dtype))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        assert a.dtype == b.dtype  # the state is float32 whatever the parameter dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 3e38])
+def test_huge_gradients_give_finite_updates_and_state(scale):
+    # g² overflows float32 beyond ~1.8e19 (the issue's 1e20-scaled gradients gave NaN).
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    params = {"w": jnp.linspace(-1.0, 1.0, 60).reshape(6, 10)}
+    state = opt.init(params, 100)
+    for i in range(3):
+        g = {"w": scale * jnp.sin(jnp.arange(60.0) + i).reshape(6, 10)}
+        updates, state = opt.update(g, state, params, jnp.float32(1.0))
+        assert np.all(np.isfinite(updates["w"]))
+        assert np.abs(updates["w"]).max() < 1.0  # a step, not an explosion
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def test_non_finite_gradient_entries_get_zero_update_and_stay_out_of_the_state():
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    rng = np.random.default_rng(1)
+    params = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}]
+    state = opt.init(params, 50)
+    _, state = opt.update(grads[0], state, params, jnp.float32(1.0))
+    bad = {k: v.copy() for k, v in grads[0].items()}
+    bad["w"][1, 2], bad["w"][3, 0], bad["b"][4] = np.nan, np.inf, -np.inf
+    updates, new_state = opt.update(bad, state, params, jnp.float32(1.0))
+    mask = {k: ~np.isfinite(v) for k, v in bad.items()}
+    # The state's update is elementwise: every finite entry must match the state that a
+    # gradient with zeros at the masked places gives, every masked entry the old state.
+    zeroed = {k: np.where(mask[k], 0.0, v).astype(np.float32) for k, v in bad.items()}
+    _, zero_state = opt.update(zeroed, state, params, jnp.float32(1.0))
+    keys = sorted(params)  # dict leaves come out in sorted key order
+    for i, k in enumerate(keys):
+        assert np.all(np.isfinite(updates[k]))
+        assert np.all(updates[k][mask[k]] == 0.0)
+        assert np.all(updates[k][~mask[k]] != 0.0)
+        for new, old, zero in (
+            (new_state.rms[i], state.rms[i], zero_state.rms[i]),
+            (new_state.momenta[i], state.momenta[i], zero_state.momenta[i]),
+        ):
+            new, old, zero = (np.asarray(x) for x in (new, old, zero))
+            np.testing.assert_array_equal(new[..., mask[k]], old[..., mask[k]])
+            np.testing.assert_array_equal(new[..., ~mask[k]], zero[..., ~mask[k]])
+    # The optimizer recovers: later finite gradients give finite updates everywhere.
+    updates, _ = opt.update(grads[0], new_state, params, jnp.float32(1.0))
+    assert all(np.all(np.isfinite(u)) and np.all(u != 0) for u in jax.tree.leaves(updates))
+
+
+def test_float0_and_integer_leaves_pass_through_as_in_optax():
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    params = {"w": jnp.ones((2, 3)), "n": jnp.int32(3)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2) * p["n"], allow_int=True)(params)
+    assert grads["n"].dtype == jax.dtypes.float0
+    updates, state = jax.jit(opt.update)(grads, opt.init(params, 10), params, jnp.float32(1.0))
+    assert updates["n"].dtype == jnp.int32 and int(updates["n"]) == 0
+    new = optax.apply_updates(params, updates)
+    assert int(new["n"]) == 3 and np.all(np.asarray(new["w"]) != 1.0)
+    assert int(state.step) == 1
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"n": jnp.int32(3)}, {"a": [], "b": ()}], ids=["empty", "int", "containers"]
+)
+def test_trees_without_float_leaves_pass_through(params):
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    updates, state = opt.update(params, opt.init(params, 10), params, jnp.float32(1.0))
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    assert all(int(u) == 0 for u in jax.tree.leaves(updates))
+    assert int(state.step) == 1
+
+
+def test_mismatched_trees_fail_clearly():
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    params = {"w": jnp.ones((2, 3))}
+    state = opt.init(params, 10)
+    with pytest.raises(ValueError):
+        opt.update({"v": jnp.ones((2, 3))}, state, params, 1.0)
+    two = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match="init the state with these params"):
+        opt.update(two, state, two, 1.0)
+
+
+def test_past_the_horizon_progress_saturates_and_the_update_anneals():
+    # Same state except the step counter. Past num_steps the fraction features stay at 1
+    # and the update is scaled by num_steps / step (before: the features extrapolated and
+    # the shipped optimizer diverged).
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
+    grads = {"w": jnp.cos(jnp.arange(12.0)).reshape(3, 4)}
+    state = opt.init(params, 400)
+
+    def update_at(step):
+        return np.asarray(
+            opt.update(grads, state._replace(step=jnp.int32(step)), params, 1.0)[0]["w"]
+        )
+
+    at_end, before = update_at(400), update_at(300)
+    for step in (401, 1000, 100_000):
+        past = update_at(step)
+        assert np.all(np.isfinite(past))
+        # Undo the 1/t decay: what remains differs from the last in-horizon update only
+        # through tanh(step/300) (< 0.14 apart), so by no more than a step inside the horizon.
+        undone = past * step / 400
+        assert (
+            np.abs(undone - at_end).max()
+            <= np.abs(before - at_end).max() + 0.5 * np.abs(at_end).max()
+        )
+        assert np.abs(past).max() <= np.abs(undone).max() * 400 / step * (1 + 1e-6)
+    # Once tanh has saturated as well (float32 tanh(x) = 1 for x ≥ 9), updates differ only
+    # by the decay: u(s) · s is constant (float32 round-off in the scale: rtol 1e-6).
+    np.testing.assert_allclose(update_at(10_000) * 10_000, update_at(100_000) * 100_000, rtol=1e-6)
