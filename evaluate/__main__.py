@@ -1,16 +1,22 @@
 """Evaluates a meta-trained learned optimizer against tuned Adam on held-out tasks.
 
     python -m evaluate --checkpoint RUN_DIR/checkpoints [--num-steps N] [--out DIR] [--step S]
+                       [eval.key=value ...]
 
 Uses the run's saved config (task family, eval section, seed): the same held-out tasks as
-the evaluation at the end of meta-training. Writes results.json, results.md and curves.png
-and prints the table.
+the evaluation at the end of meta-training. `eval.key=value` overrides change the [eval]
+section only (the rest is the checkpoint's). Writes results.json, results.md and curves.png
+and prints the table. User errors (a wrong checkpoint, a bad override, a missing dataset)
+end with one message and exit code 2; `--debug` shows their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -28,28 +34,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         default=None,
-        help="output directory (default: RUN_DIR/eval, or RUN_DIR/eval_<N>steps with --num-steps)",
+        help="output directory (default: RUN_DIR/eval for the saved [eval] settings, "
+        "RUN_DIR/eval_<N>steps with another horizon, RUN_DIR/eval_<hash> with other overrides)",
     )
     p.add_argument("--step", type=int, default=None, help="outer step to load (default: latest)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of user errors, not only a message"
+    )
+    p.add_argument("overrides", nargs="*", help="[eval] overrides: eval.key=value")
+    return p.parse_intermixed_args(argv)  # flags may come between the overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Loads the checkpoint, runs the suite and prints the table; returns the exit status."""
-    args = parse_args(argv)
-    # Heavy imports after argument parsing, so --help is instant.
+def _check_overrides(overrides: list[str]) -> None:
+    """Fails on overrides outside [eval] or with bad values, before anything is loaded."""
+    from meta_train.config import (  # noqa: PLC0415
+        ConfigError,
+        apply_overrides,
+        from_dict,
+        parse_override,
+    )
+
+    for item in overrides:
+        section, _, _ = parse_override(item)
+        if section != "eval":
+            raise ConfigError(
+                f"override {item!r}: python -m evaluate takes only eval.key=value overrides; "
+                "the other sections are fixed by the checkpoint"
+            )
+    from_dict(apply_overrides({}, overrides))
+
+
+def _out_dir(args: argparse.Namespace, run_dir: Path, eval_cfg, saved_eval) -> Path:
+    """RUN_DIR/eval reproduces the saved settings; other settings never overwrite it."""
+    if args.out:
+        return Path(args.out)
+    changed = {
+        f.name
+        for f in dataclasses.fields(eval_cfg)
+        if saved_eval is None or getattr(eval_cfg, f.name) != getattr(saved_eval, f.name)
+    }
+    if args.num_steps is not None:
+        changed.add("num_steps")
+    if not changed:
+        return run_dir / "eval"
+    if changed == {"num_steps"}:
+        return run_dir / f"eval_{eval_cfg.num_steps}steps"
+    digest = json.dumps(dataclasses.asdict(eval_cfg), sort_keys=True).encode()
+    return run_dir / f"eval_{hashlib.sha256(digest).hexdigest()[:8]}"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from meta_train.config import ConfigError, apply_overrides, from_dict  # noqa: PLC0415
+
+    if args.num_steps is not None and args.num_steps < 1:
+        raise ConfigError(f"--num-steps must be an integer >= 1; got {args.num_steps}")
+    _check_overrides(args.overrides)
+    # The checkpoint and the datasets only after the arguments are known to be good.
     import jax  # noqa: PLC0415
 
     from evaluate.suite import run_suite  # noqa: PLC0415
     from lopt.export import as_optax, load_optax  # noqa: PLC0415
     from meta_train.build import HELD_OUT_STREAM  # noqa: PLC0415
     from meta_train.checkpoint import load_theta  # noqa: PLC0415
-    from meta_train.config import from_dict  # noqa: PLC0415
     from tasks.family import MLPTaskFamily  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint)
     _, saved = load_theta(str(ckpt), step=args.step)
-    config = from_dict(saved)
+    config = from_dict(apply_overrides(copy.deepcopy(saved), args.overrides))
+    try:
+        saved_config = from_dict(saved)
+        saved_eval = dataclasses.replace(
+            saved_config.eval,
+            num_steps=saved_config.eval.num_steps or saved_config.meta.max_episode_len,
+        )
+    except ConfigError:  # an older run's [eval] that is no longer valid (and overridden)
+        saved_eval = None
     horizon = config.eval.num_steps or config.meta.max_episode_len
     num_steps = args.num_steps or horizon
     # load_optax builds the optimizer exactly as users get it from the checkpoint.
@@ -58,19 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     def factory(n: int):
         return tx if n == num_steps else as_optax(lopt, theta, n)
 
-    run_dir = ckpt.resolve().parent
-    out = (
-        Path(args.out)
-        if args.out
-        else run_dir / (f"eval_{num_steps}steps" if args.num_steps else "eval")
-    )
+    eval_cfg = dataclasses.replace(config.eval, num_steps=num_steps)
+    out = _out_dir(args, ckpt.resolve().parent, eval_cfg, saved_eval)
     family = MLPTaskFamily(config.task_family)
     key = jax.random.fold_in(jax.random.PRNGKey(config.run.seed), HELD_OUT_STREAM)
-    eval_cfg = dataclasses.replace(config.eval, num_steps=num_steps)
     results = run_suite(family, {"learned": factory}, eval_cfg, key, str(out), num_steps)
     print(results["table"])
     print(f"results: {out}/results.json, {out}/results.md, {out}/curves.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the checkpoint, runs the suite and prints the table; returns the exit status."""
+    args = parse_args(argv)
+    from meta_train.cli import run_cli  # noqa: PLC0415
+
+    return run_cli(lambda: _evaluate(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Numerics, whatever the parameter tree holds:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -146,6 +147,25 @@ class MLPLOpt:
     rms_decay: float = 0.999
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size < 1:
+            problems.append(f"hidden_size must be >= 1, got {self.hidden_size}")
+        if self.hidden_layers < 1:
+            problems.append(f"hidden_layers must be >= 1, got {self.hidden_layers}")
+        if not self.momentum_decays or not all(0 <= d < 1 for d in self.momentum_decays):
+            problems.append(
+                f"momentum_decays must be non-empty, each in [0, 1): {self.momentum_decays}"
+            )
+        if not 0 <= self.rms_decay < 1:
+            problems.append(f"rms_decay must be in [0, 1), got {self.rms_decay}")
+        for name in ("step_mult", "exp_mult"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0, got {value}")
+        if problems:
+            raise ValueError("MLPLOpt: " + "; ".join(problems))
 
     @property
     def num_per_param_features(self) -> int:

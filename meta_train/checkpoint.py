@@ -10,7 +10,9 @@ A checkpoint directory holds one orbax step folder per saved outer step, each wi
   restore can name the leaf that does not fit and never returns silently corrupted values.
 
 Saves are synchronous and atomic (orbax writes ``N.orbax-checkpoint-tmp/`` and renames it), so a
-run killed mid-save leaves the earlier steps intact and the half-written folder is ignored:
+run killed mid-save leaves the earlier steps intact and the half-written folder is ignored (a
+save that fails with an error removes it). Meta-parameters that are not finite are never saved,
+and a checkpoint holding them (written by an older version) is refused on restore:
 
     ckpt = Checkpointer("runs/x/checkpoints", max_to_keep=3)
     ckpt.save(step, theta, state, config.to_dict())
@@ -24,6 +26,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,13 +41,17 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "ConfigMismatchError",
+    "NonFiniteThetaError",
     "check_compatible",
+    "describe_directory",
     "load_theta",
+    "saved_steps",
 ]
 
 RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
     {
         "meta.outer_steps",
+        "run.out_dir",  # where a run lives is not part of its identity: moved folders resume
         "run.checkpoint_every",
         "run.log_every",
         "run.wandb_mode",
@@ -66,6 +73,10 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpointError(CheckpointError):
     """A saved step cannot be read back or its values fail their checksum."""
+
+
+class NonFiniteThetaError(CheckpointError):
+    """Meta-parameters hold NaN or inf: they are never saved, and never loaded."""
 
 
 class ConfigMismatchError(ValueError):
@@ -241,6 +252,36 @@ def _verify(entries: list[dict[str, Any]], tree: Any, item: str, where: str) -> 
             )
 
 
+def _non_finite(tree: Any) -> list[str]:
+    """Display paths of the floating-point leaves of `tree` that hold NaN or inf."""
+    return [
+        display
+        for _, display, x in _leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and not bool(jnp.isfinite(x).all())
+    ]
+
+
+def _check_finite_theta(theta: Any, where: str) -> None:
+    bad = _non_finite(theta)
+    if bad:
+        shown = ", ".join(f"theta{p}" for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise NonFiniteThetaError(
+            f"checkpoint {where} holds meta-parameters that are not finite (NaN or inf in "
+            f"{shown}); an optimizer with them is unusable"
+        )
+
+
+def _with_earlier_steps(mgr: ocp.CheckpointManager, step: int, where: str, e: CheckpointError):
+    """`e` with the steps before `step` as the last line: what the user can fall back on."""
+    earlier = sorted(s for s in mgr.all_steps() if s < step)
+    if not earlier:
+        return e
+    return type(e)(
+        f"{e}\nEarlier steps on disk: {earlier}; restore one with step=... (python -m "
+        f"evaluate --step), or move {where} aside to resume from step {earlier[-1]}."
+    )
+
+
 def _first_line(e: BaseException, limit: int = 200) -> str:
     # tensorstore errors embed a whole JSON spec; the first line's head is what matters.
     text = str(e).strip().splitlines()
@@ -348,6 +389,7 @@ class Checkpointer:
         Raises:
           CheckpointError: the step exists or precedes the latest one, or writing failed (the
             earlier steps are untouched).
+          NonFiniteThetaError: theta holds NaN or inf (nothing is written).
           TypeError: a leaf cannot be stored or the config is not JSON-serialisable.
           ValueError: a bad step, or theta or state holds no arrays.
         """
@@ -366,6 +408,13 @@ class Checkpointer:
         for item, tree in (("theta", theta), ("state", state)):
             if not jax.tree.leaves(tree):  # orbax cannot save an item without arrays
                 raise ValueError(f"{item} holds no arrays; there is nothing to checkpoint")
+        bad = _non_finite(theta)
+        if bad:
+            raise NonFiniteThetaError(
+                f"refusing to save step {step} in {self.directory}: the meta-parameters are not "
+                f"finite (NaN or inf in {', '.join(f'theta{p}' for p in bad[:5])}); earlier "
+                "checkpoints are untouched"
+            )
         manifest = {
             "version": _MANIFEST_VERSION,
             "step": step,
@@ -392,7 +441,9 @@ class Checkpointer:
             )
             self._mgr.wait_until_finished()
         except Exception as e:
-            # Re-read the disk so the manager only lists committed steps.
+            # This save's half-written folder would only be replaced by the next save of the
+            # same step; remove it now. Re-read the disk so the manager lists committed steps.
+            shutil.rmtree(self._where(step) + _TMP_SUFFIX, ignore_errors=True)
             self._mgr.reload()
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed ({_first_line(e)}); earlier "
@@ -453,16 +504,35 @@ class Checkpointer:
             )
             _verify(manifest["theta"], out.theta, "theta", where)
             _verify(manifest["state"], out.state, "state", where)
-        except CorruptCheckpointError as e:
+            _check_finite_theta(out.theta, where)
+        except (CorruptCheckpointError, NonFiniteThetaError) as e:
             # No silent fallback: resuming from an older step must be the user's choice.
-            earlier = [s for s in self._mgr.all_steps() if s < step]
-            if not earlier:
+            hinted = _with_earlier_steps(self._mgr, step, where, e)
+            if hinted is e:
                 raise
-            raise CorruptCheckpointError(
-                f"{e}\nEarlier steps on disk: {sorted(earlier)}; restore one with step=..., or "
-                f"move {where} aside to resume from step {max(earlier)}."
-            ) from e
+            raise hinted from e
         return out.theta, out.state, out.config
+
+    def read_config(self, step: int | None = None) -> dict:
+        """Reads only the config saved with a step (default: the latest).
+
+        Raises:
+          CheckpointError: no such step; CorruptCheckpointError (with the earlier steps on
+            disk as the last line) when the config cannot be read.
+        """
+        self._mgr.reload()
+        step = _pick_step(self._mgr, self.directory, step)
+        where = self._where(step)
+        try:
+            config = _restore_items(self._mgr, step, where, config=ocp.args.JsonRestore()).config
+            if not isinstance(config, dict):
+                raise CorruptCheckpointError(f"checkpoint {where} has an invalid config")
+        except CorruptCheckpointError as e:
+            hinted = _with_earlier_steps(self._mgr, step, where, e)
+            if hinted is e:
+                raise
+            raise hinted from e
+        return config
 
     def close(self) -> None:
         """Releases orbax's resources; the checkpointer cannot be used afterwards."""
@@ -492,23 +562,57 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
 
     Raises:
       CheckpointError: the directory holds no complete checkpoint (the message lists what it
-        found) or the checkpoint is corrupt.
+        found) or no such step.
+      CorruptCheckpointError: the checkpoint is corrupt (any of its items).
+      NonFiniteThetaError: its meta-parameters hold NaN or inf.
+      The last two end with the earlier steps on disk, if any.
     """
     directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    if not os.path.exists(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory")
     mgr = _manager(directory, create=False)
     try:
         step = _pick_step(mgr, directory, step)
         where = os.path.join(directory, str(step))
-        manifest = _read_manifest(mgr, step, where)
-        out = _restore_items(
-            mgr, step, where, theta=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
-        )
-        _verify(manifest["theta"], out.theta, "theta", where)
+        try:
+            manifest = _read_manifest(mgr, step, where)
+            out = _restore_items(
+                mgr, step, where, theta=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
+            )
+            _verify(manifest["theta"], out.theta, "theta", where)
+            if not isinstance(out.config, dict):
+                raise CorruptCheckpointError(f"checkpoint {where} has an invalid config")
+            _check_finite_theta(out.theta, where)
+        except (CorruptCheckpointError, NonFiniteThetaError) as e:
+            hinted = _with_earlier_steps(mgr, step, where, e)
+            if hinted is e:
+                raise
+            raise hinted from e
         return out.theta, out.config
     finally:
         mgr.close()
+
+
+def saved_steps(directory: str) -> list[int]:
+    """The complete steps in a checkpoint directory, ascending; [] if it does not exist.
+
+    Creates nothing (unlike `Checkpointer`), so it can check a run folder before a run starts.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return []
+    mgr = _manager(directory, create=False)
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
+
+
+def describe_directory(directory: str) -> str:
+    """What a directory holds, for error messages (interrupted saves are marked)."""
+    return _describe(os.path.abspath(os.fspath(directory)))
 
 
 def _flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,18 +1,24 @@
 """Run configurations: typed sections loaded from TOML, with command-line overrides.
 
 A config file has the sections below; every key is optional (defaults here). Unknown
-sections or keys and values of the wrong type raise `ConfigError` naming the key.
-Overrides are `section.key=value` strings whose value is parsed as TOML
-(`meta.outer_steps=50`, `task_family.datasets=["mnist1d"]`, `run.name="x"` or `run.name=x`).
+sections or keys, values of the wrong type and values outside their range raise
+`ConfigError` naming the key and saying what is allowed. What every key may hold is
+declared once, in `RULES` (one rule per key of every section); relations between keys
+(`meta.window <= meta.min_episode_len <= meta.max_episode_len`, ...) are checked in the
+section's `__post_init__`. Overrides are `section.key=value` strings whose value is parsed
+as TOML (`meta.outer_steps=50`, `task_family.datasets=["mnist1d"]`, `run.name="x"` or
+`run.name=x`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,201 @@ from tasks.family import MLPFamilyConfig
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+# ---------------------------------------------------------------------------- value rules
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
+
+
+def _holds(test: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError):  # a value of another type (direct construction)
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one value may be: `allowed` says it in words for the message, `test` checks it."""
+
+    allowed: str
+    test: Callable[[Any], bool]
+
+    def describe(self) -> str:
+        return self.allowed
+
+    def check(self, value: Any, where: str) -> None:
+        if not _holds(self.test, value):
+            raise ConfigError(f"{where} must be {self.allowed}; got {_show(value)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of a set of names; `names` is called when checking (registries import lazily)."""
+
+    names: Callable[[], Sequence[str]]
+
+    def describe(self) -> str:
+        return f"one of {', '.join(map(repr, self.names()))}"
+
+    def check(self, value: Any, where: str) -> None:
+        if value not in list(self.names()):
+            raise ConfigError(f"{where} must be {self.describe()}; got {_show(value)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Items:
+    """A list whose every item follows `item` (`non_empty`: at least one item)."""
+
+    item: Rule | OneOf | Items
+    non_empty: bool = True
+    allowed: str = ""  # overrides the generated description
+
+    def describe(self) -> str:
+        kind = "a non-empty list" if self.non_empty else "a list"
+        return self.allowed or f"{kind}, each item {self.item.describe()}"
+
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, list | tuple) or (self.non_empty and not value):
+            raise ConfigError(f"{where} must be {self.describe()}; got {_show(value)}")
+        for i, v in enumerate(value):
+            self.item.check(v, f"{where}[{i}]")
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+def int_at_least(low: int, note: str = "") -> Rule:
+    return Rule(f"an integer >= {low}{note}", lambda v: _int(v) and v >= low)
+
+
+POSITIVE = Rule("a finite number > 0", lambda v: _finite(v) and v > 0)
+DECAY = Rule("a number in [0, 1)", lambda v: _finite(v) and 0 <= v < 1)
+ANY_STR = Rule("a string", lambda v: isinstance(v, str))
+NON_EMPTY_STR = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+SEED = Rule(
+    "an integer in [0, 2**32 - 1] (larger seeds wrap around to smaller ones)",
+    lambda v: _int(v) and 0 <= v < 2**32,
+)
+
+
+def _estimators() -> Sequence[str]:
+    from meta_train.estimators import ESTIMATORS  # noqa: PLC0415 - jax-heavy
+
+    return ESTIMATORS
+
+
+def _objectives() -> Sequence[str]:
+    from meta_train.estimators import OBJECTIVES  # noqa: PLC0415
+
+    return OBJECTIVES
+
+
+def _staggers() -> Sequence[str]:
+    from meta_train.estimators import STAGGERS  # noqa: PLC0415
+
+    return STAGGERS
+
+
+def _lopt_kinds() -> Sequence[str]:
+    from lopt.registry import LOPTS  # noqa: PLC0415 - flax-heavy
+
+    return sorted(LOPTS)
+
+
+def _datasets() -> Sequence[str]:
+    from tasks.datasets import DATASETS  # noqa: PLC0415
+
+    return DATASETS
+
+
+def _activations() -> Sequence[str]:
+    from tasks.classification import ACTIVATIONS  # noqa: PLC0415
+
+    return sorted(ACTIVATIONS)
+
+
+RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
+    "run": {
+        "name": ANY_STR,  # "" names the wandb run after the output folder
+        "out_dir": NON_EMPTY_STR,
+        "seed": SEED,
+        "wandb_mode": OneOf(lambda: ("offline", "online", "disabled")),
+        "wandb_project": NON_EMPTY_STR,
+        "checkpoint_every": int_at_least(1),
+        "max_to_keep": int_at_least(1),
+        "log_every": int_at_least(1),
+    },
+    "task_family": {
+        "datasets": Items(OneOf(_datasets)),
+        "hidden_sizes": Items(
+            Items(int_at_least(1), non_empty=False),  # [] is a linear classifier
+            allowed="a non-empty list of width lists like [[32], [64, 64]] (widths >= 1)",
+        ),
+        "activations": Items(OneOf(_activations)),
+        "batch_sizes": Items(int_at_least(1)),
+        "init_scale": Rule(
+            "[low, high] with 0 < low <= high, both finite",
+            lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1],
+        ),
+        "resolution": int_at_least(0, " (0 keeps the images' size)"),
+        "grayscale": BOOL,
+        "data_dir": ANY_STR,  # "" uses LOPT_DATA_DIR and the default places
+        "valid_size": Rule("a fraction in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
+    },
+    "lopt": {
+        "kind": OneOf(_lopt_kinds),
+        "hidden_size": int_at_least(1),
+        "hidden_layers": int_at_least(1),
+        "momentum_decays": Items(DECAY),
+        "rms_decay": DECAY,
+        "step_mult": POSITIVE,
+        "exp_mult": POSITIVE,
+    },
+    "meta": {
+        "estimator": OneOf(_estimators),
+        "num_pairs": int_at_least(1),
+        "sigma": POSITIVE,
+        "window": int_at_least(1),
+        "min_episode_len": int_at_least(1),
+        "max_episode_len": int_at_least(1),
+        "outer_steps": int_at_least(1),
+        "outer_lr": POSITIVE,
+        "grad_clip": POSITIVE,
+        "loss_clip": POSITIVE,
+        "task_groups": int_at_least(1),
+        "objective": OneOf(_objectives),
+        "stagger": OneOf(_staggers),
+        "sign_diff": BOOL,
+        "diff_clip": Rule("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
+    },
+    "eval": {
+        "num_tasks": int_at_least(1),
+        "num_seeds": int_at_least(1),
+        "num_steps": int_at_least(0, " (0: meta.max_episode_len)"),
+        "adam_lrs": Items(POSITIVE),
+        "eval_every": int_at_least(0, " (0: only at the start and the end)"),
+    },
+}
+"""What every config key may hold, per section: the one place for per-key rules."""
+
+
+def check_section(section: str, obj: Any) -> None:
+    """Checks every field of a section dataclass against `RULES[section]`."""
+    rules = RULES[section]
+    for field in dataclasses.fields(obj):
+        rules[field.name].check(getattr(obj, field.name), f"{section}.{field.name}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +237,9 @@ class RunConfig:
       checkpoint_every: save a checkpoint every this many outer steps (and at the end).
       max_to_keep: checkpoints kept on disk.
       log_every: log metrics every this many outer steps.
+
+    Where the run lives (out_dir) is not part of its identity: a moved or copied run folder
+    resumes under its new path.
     """
 
     name: str = "default"
@@ -48,10 +252,7 @@ class RunConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise ConfigError(
-                f"run.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}"
-            )
+        check_section("run", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +272,9 @@ class LOptConfig:
     rms_decay: float = 0.999
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+
+    def __post_init__(self):
+        check_section("lopt", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +302,8 @@ class MetaConfig:
         run each pair a random number of windows, discarding their gradients) or 'none'.
       sign_diff: use only the sign of each antithetic loss difference.
       diff_clip: clip antithetic loss differences to ±diff_clip (0: off).
+
+    Learning rates, sigma and the clips are finite and > 0 (diff_clip >= 0); counts >= 1.
     """
 
     estimator: str = "pes"
@@ -117,15 +323,7 @@ class MetaConfig:
     diff_clip: float = 0.0
 
     def __post_init__(self):
-        from meta_train.estimators import ESTIMATORS, OBJECTIVES, STAGGERS  # noqa: PLC0415
-
-        for key, known in (
-            ("estimator", ESTIMATORS),
-            ("objective", OBJECTIVES),
-            ("stagger", STAGGERS),
-        ):
-            if getattr(self, key) not in known:
-                raise ConfigError(f"meta.{key}: unknown {getattr(self, key)!r}; known: {known}")
+        check_section("meta", self)
         if self.estimator == "full_es" and not (
             self.window == self.min_episode_len == self.max_episode_len
         ):
@@ -133,18 +331,16 @@ class MetaConfig:
                 "meta.estimator='full_es' runs whole episodes: set meta.window = "
                 "meta.min_episode_len = meta.max_episode_len"
             )
-        for k in ("num_pairs", "window", "outer_steps", "task_groups"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"meta.{k} must be >= 1")
         if not self.window <= self.min_episode_len <= self.max_episode_len:
             raise ConfigError(
                 "meta.window <= meta.min_episode_len <= meta.max_episode_len must hold, got "
                 f"{self.window}, {self.min_episode_len}, {self.max_episode_len}"
             )
         if self.num_pairs % self.task_groups:
-            raise ConfigError("meta.num_pairs must be a multiple of meta.task_groups")
-        if self.sigma <= 0:
-            raise ConfigError("meta.sigma must be > 0")
+            raise ConfigError(
+                "meta.num_pairs must be a multiple of meta.task_groups (the pairs are split "
+                f"evenly between the groups); got {self.num_pairs} and {self.task_groups}"
+            )
 
     @property
     def inner_steps_per_outer_step(self) -> int:
@@ -160,8 +356,10 @@ class EvalConfig:
       num_tasks: held-out tasks sampled from the family (seeds never used in meta-training).
       num_seeds: training seeds per task and optimizer (mean ± std over tasks × seeds).
       num_steps: training steps (the horizon; 0 means meta.max_episode_len).
-      adam_lrs: Adam's learning-rate grid; the best on validation loss is reported.
-      eval_every: record losses every this many steps for the curves.
+      adam_lrs: Adam's learning-rate grid (finite, > 0); the best on validation loss is
+        reported.
+      eval_every: record losses every this many steps for the curves (0: only at the start
+        and the end).
     """
 
     num_tasks: int = 3
@@ -169,6 +367,9 @@ class EvalConfig:
     num_steps: int = 0
     adam_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     eval_every: int = 10
+
+    def __post_init__(self):
+        check_section("eval", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +379,10 @@ class Config:
     lopt: LOptConfig = LOptConfig()
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self):
+        # The other sections check themselves; MLPFamilyConfig lives in tasks.family.
+        check_section("task_family", self.task_family)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -236,6 +441,8 @@ def _build_section(cls: type, values: dict[str, Any], section: str):
             f"known keys of [{section}]: {sorted(fields)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    for k, v in kwargs.items():  # before the class's own checks, so every message is alike
+        RULES[section][k].check(v, f"{section}.{k}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -259,38 +466,53 @@ def from_dict(d: dict[str, Any]) -> Config:
     return Config(**built)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Splits a `section.key=value` override into section, key and its TOML-parsed value."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     path, raw = item.split("=", 1)
     keys = path.strip().split(".")
-    if len(keys) != 2:
+    if len(keys) != 2 or not all(keys):
         raise ConfigError(f"override {item!r}: the key must be section.key")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # bare strings: run.name=my-run
-    return keys, value
+    return keys[0], keys[1], value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Loads a TOML config file (or the defaults) and applies `section.key=value` overrides."""
-    d: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            d = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from e
+def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Sets every `section.key=value` of `overrides` in the nested dict `d` (in place)."""
     for item in overrides:
-        (section, key), value = _parse_override(item)
+        section, key, value = parse_override(item)
         d.setdefault(section, {})
         if not isinstance(d[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys")
         d[section][key] = value
-    return from_dict(d)
+    return d
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a TOML file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a TOML config file (or the defaults) and applies `section.key=value` overrides."""
+    d: dict[str, Any] = {} if path is None else _read_toml(Path(path))
+    return from_dict(apply_overrides(d, overrides))
 
 
 def save_config(config: Config, path: str | Path) -> None:

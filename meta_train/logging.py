@@ -28,13 +28,17 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["ProgressBar", "RunLogger", "read_metrics"]
+__all__ = ["ProgressBar", "RunLogger", "WandbError", "read_metrics"]
 
 ONLINE_INIT_TIMEOUT = 30.0
 """Seconds `wandb.init` may take in online mode before we give up (instead of hanging)."""
 
 _MODES = ("offline", "online", "disabled")
 _RUN_ID_FILE = "wandb_run_id"
+
+
+class WandbError(RuntimeError):
+    """wandb could not start (no credentials, no network, ...); the message says what to do."""
 
 
 def _to_number(key: str, value: Any) -> float:
@@ -108,7 +112,7 @@ class RunLogger:
 
     Raises:
       ValueError: unknown mode.
-      RuntimeError: wandb could not start (e.g. online without login or network); the message
+      WandbError: wandb could not start (e.g. online without login or network); the message
         says to run ``wandb login`` or use ``run.wandb_mode=offline``.
     """
 
@@ -170,7 +174,7 @@ class RunLogger:
         if self.mode == "online":
             # Without credentials wandb would prompt for a key on a terminal: fail fast instead.
             if wandb.run is None and not wandb.login(prompt=False, verify=False):
-                raise RuntimeError(f"wandb mode 'online' but no W&B credentials found. {hint}")
+                raise WandbError(f"wandb mode 'online' but no W&B credentials found. {hint}")
             settings["init_timeout"] = ONLINE_INIT_TIMEOUT
         try:
             run = wandb.init(
@@ -184,7 +188,7 @@ class RunLogger:
                 settings=wandb.Settings(**settings),
             )
         except Exception as e:  # wandb raises CommError, UsageError, TimeoutError, ...
-            raise RuntimeError(f"wandb.init failed in {self.mode} mode: {e}. {hint}") from e
+            raise WandbError(f"wandb.init failed in {self.mode} mode: {e}. {hint}") from e
         id_file.write_text(run.id + "\n")
         return run
 

@@ -5,6 +5,11 @@
 Writes into `run.out_dir`: `config.json` (the resolved config), `checkpoints/` (orbax),
 `metrics.jsonl` and `wandb/` (offline by default), and `eval/` (results.json, results.md,
 curves.png).
+
+A new run refuses a folder that holds checkpoints; `--resume` refuses a folder without one
+(a mistyped folder never starts over). User errors (bad config values, a missing dataset,
+a config that differs from the checkpoint's, ...) end with one message and exit code 2;
+`--debug` shows their traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +18,18 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import jax
 
 from meta_train.build import Run, build_run
-from meta_train.checkpoint import Checkpointer, check_compatible, load_theta
+from meta_train.checkpoint import (
+    Checkpointer,
+    check_compatible,
+    describe_directory,
+    saved_steps,
+)
+from meta_train.cli import run_cli
 from meta_train.config import Config, ConfigError, load_config, save_config
 from meta_train.learner import outer_step
 from meta_train.logging import ProgressBar, RunLogger
@@ -31,63 +43,108 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", default=None, help="TOML run configuration (default: built-in defaults)"
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue from the last complete checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue from the last complete checkpoint in run.out_dir (fails if there is none)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after meta-training")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of user errors, not only a message"
+    )
     p.add_argument("overrides", nargs="*", help="config overrides: section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may come between the overrides
+
+
+Resume = bool | Literal["allow"]
+
+
+def check_run_folder(out_dir: str | Path, resume: Resume) -> int | None:
+    """Checks a run folder against `resume` before anything is built or written.
+
+    Args:
+      out_dir: the run folder (`run.out_dir`).
+      resume: True: it must hold a checkpoint; False: it must not; "allow": either.
+
+    Returns:
+      The latest complete step in `out_dir/checkpoints`, or None.
+
+    Raises:
+      ConfigError: the folder does not fit `resume` (nothing is created or changed).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.out_dir {out} is a file, not a folder")
+    ckpt_dir = out / "checkpoints"
+    steps = saved_steps(str(ckpt_dir))
+    if resume is True and not steps:
+        found = describe_directory(str(ckpt_dir)) if ckpt_dir.is_dir() else "it does not exist"
+        raise ConfigError(
+            f"--resume: no checkpoint to resume in {ckpt_dir.absolute()} ({found}); check "
+            "run.out_dir, or drop --resume to start a new run there (nothing was created)"
+        )
+    if resume is False and steps:
+        raise ConfigError(
+            f"{out} already holds checkpoints (latest step {steps[-1]}); pass --resume to "
+            "continue it, or choose another run.out_dir (nothing was overwritten)"
+        )
+    return steps[-1] if steps else None
 
 
 def _restore(run: Run, ckpt: Checkpointer, step: int):
     """Restores a learner state after checking the saved config is compatible."""
-    _, saved_config = load_theta(ckpt.directory, step)
-    check_compatible(saved_config, run.config.to_dict())
+    check_compatible(ckpt.read_config(step), run.config.to_dict())
     abstract = run.abstract_state()
     theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
     return rest.replace(theta=theta)
 
 
-def meta_train(run: Run, *, resume: bool = False, stream=None):
+def meta_train(run: Run, *, resume: Resume = False, stream=None):
     """Runs (or resumes) meta-training.
 
     Args:
       run: the run's pieces (see `meta_train.build`).
-      resume: continue from the last complete checkpoint in `run.out_dir`.
+      resume: True: continue from the last complete checkpoint in `run.out_dir` (there must
+        be one); False: start a new run (the folder must hold no checkpoint); "allow":
+        continue if there is a checkpoint, else start.
       stream: where the progress line goes (stderr by default).
 
     Returns:
       The final learner state and the last logged metrics.
+
+    Raises:
+      ConfigError: the folder does not fit `resume`.
+      ConfigMismatchError: resuming with a config that changes a fixed key.
+      CheckpointError: the checkpoint is unusable; NonFiniteThetaError: θ stopped being
+        finite (it is never saved; the earlier checkpoints stay).
     """
     cfg, m = run.config, run.config.meta
     out = Path(cfg.run.out_dir)
+    latest = check_run_folder(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(str(out / "checkpoints"), max_to_keep=cfg.run.max_to_keep)
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        ckpt.close()
-        raise ConfigError(
-            f"{out} already holds checkpoints (latest step {latest}); pass --resume to continue "
-            "it, or choose another run.out_dir (nothing was overwritten)"
+    try:
+        if latest is not None:
+            state = _restore(run, ckpt, latest)
+            print(f"resumed from outer step {int(state.step)}", file=stream or sys.stderr)
+        else:
+            state = run.init_state()
+        save_config(cfg, out / "config.json")
+        logger = RunLogger(
+            str(out),
+            cfg.to_dict(),
+            mode=cfg.run.wandb_mode,
+            project=cfg.run.wandb_project,
+            name=cfg.run.name,
+            resume=latest is not None,
         )
-    if latest is not None:
-        state = _restore(run, ckpt, latest)
-        print(f"resumed from outer step {int(state.step)}", file=stream or sys.stderr)
-    else:
-        state = run.init_state()
-    save_config(cfg, out / "config.json")
-
-    logger = RunLogger(
-        str(out),
-        cfg.to_dict(),
-        mode=cfg.run.wandb_mode,
-        project=cfg.run.wandb_project,
-        name=cfg.run.name,
-        resume=resume,
-    )
+    except BaseException:
+        ckpt.close()
+        raise
     start, total = int(state.step), m.outer_steps
     bar = ProgressBar(total, initial=start, stream=stream)
     inner_per_outer = m.inner_steps_per_outer_step
     metrics: dict = {}
+    failed = True
     try:
         t_log, logged_at = time.perf_counter(), start
         for step in range(start, total):
@@ -115,9 +172,10 @@ def meta_train(run: Run, *, resume: bool = False, stream=None):
                 )
             if done % cfg.run.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
+        failed = False
     finally:
         bar.close()
-        logger.finish()
+        logger.finish(exit_code=1 if failed else None)  # a failed run shows as such in wandb
         ckpt.close()
     return state, metrics
 
@@ -136,11 +194,13 @@ def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config: Config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _main(args), debug=args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
+    config: Config = load_config(args.config, args.overrides)
+    # Cheap checks first: a wrong folder fails before the datasets load.
+    check_run_folder(config.run.out_dir, args.resume)
     t0 = time.perf_counter()
     run = build_run(config)
     state, _ = meta_train(run, resume=args.resume)

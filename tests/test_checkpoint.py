@@ -17,14 +17,17 @@ import optax
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
+from meta_train import checkpoint
 from meta_train.checkpoint import (
     RESUME_MUTABLE_KEYS,
     Checkpointer,
     CheckpointError,
     ConfigMismatchError,
     CorruptCheckpointError,
+    NonFiniteThetaError,
     check_compatible,
     load_theta,
+    saved_steps,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +163,8 @@ def test_failed_save_raises_and_keeps_previous_steps(ckpt_dir, monkeypatch):
 
     # With max_to_keep=1 a failed save must not have rotated away the only good step.
     assert ckpt.latest_step() == 1
+    # ... nor left its half-written folder behind.
+    assert sorted(os.listdir(ckpt_dir)) == ["1"]
     _, state, _ = ckpt.restore(abstract(make_theta()), abstract(make_state()))
     assert int(state["step"]) == 1
     # The same step can be saved once the problem is gone; then rotation applies.
@@ -420,3 +425,96 @@ def test_mutable_keys_exist_in_the_run_config():
         section, name = key.split(".")
         assert section in sections, key
         assert name == "*" or name in sections[section], key
+
+
+# ------------------------------------------------------------------- non-finite meta-parameters
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_theta_is_never_saved(ckpt_dir, bad):
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, make_theta(), make_state(1), CONFIG)
+        theta = make_theta()
+        theta["dense_1"]["bias"] = theta["dense_1"]["bias"].at[1].set(bad)
+        with pytest.raises(NonFiniteThetaError, match=r"step 2 .*theta\['dense_1'\]\['bias'\]"):
+            ckpt.save(2, theta, make_state(2), CONFIG)
+        assert ckpt.all_steps() == [1]
+    assert sorted(os.listdir(ckpt_dir)) == ["1"]  # nothing written, not even a tmp folder
+    assert_trees_equal(load_theta(ckpt_dir)[0], make_theta())
+
+
+def _save_without_the_finiteness_guard(monkeypatch, ckpt_dir, step, theta):
+    """What a version without the guard wrote: a complete checkpoint holding NaN θ."""
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_non_finite", lambda tree: [])
+        with Checkpointer(ckpt_dir) as ckpt:
+            ckpt.save(step, theta, make_state(step), CONFIG)
+
+
+def test_a_checkpoint_with_non_finite_theta_is_refused_with_the_earlier_steps(
+    ckpt_dir, monkeypatch
+):
+    from lopt.export import load_optax  # noqa: PLC0415
+
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, make_theta(), make_state(1), CONFIG)
+    nan_theta = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), make_theta())
+    _save_without_the_finiteness_guard(monkeypatch, ckpt_dir, 2, nan_theta)
+    where = os.path.join(ckpt_dir, "2")
+
+    with pytest.raises(NonFiniteThetaError) as info:
+        load_theta(ckpt_dir)
+    lines = str(info.value).splitlines()
+    assert where in lines[0] and "not finite" in lines[0]
+    assert lines[-1].startswith("Earlier steps on disk: [1]") and f"move {where} aside" in lines[-1]
+    with pytest.raises(NonFiniteThetaError, match="not finite"):
+        load_optax(ckpt_dir)  # the export refuses it too (it loads through load_theta)
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(NonFiniteThetaError, match="Earlier steps on disk: \\[1\\]"):
+            ckpt.restore(abstract(make_theta()), abstract(make_state()))
+        theta, _, _ = ckpt.restore(abstract(make_theta()), abstract(make_state()), step=1)
+    assert_trees_equal(theta, make_theta())
+    assert_trees_equal(load_theta(ckpt_dir, step=1)[0], make_theta())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("item", ["theta", "state", "config", "manifest"])
+def test_earlier_steps_hint_ends_the_message_whichever_item_is_corrupt(ckpt_dir, item):
+    _two_steps(ckpt_dir)
+    step_dir = Path(ckpt_dir) / "2"
+    if item in ("theta", "state"):
+        (step_dir / item / "_METADATA").unlink()
+    else:
+        (step_dir / item / "metadata").write_text("{not json")
+    hint = (
+        "Earlier steps on disk: [1]; restore one with step=... (python -m evaluate --step), "
+        f"or move {step_dir} aside to resume from step 1."
+    )
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(CorruptCheckpointError) as info:
+            ckpt.restore(ABSTRACT_THETA, abstract(make_state()))
+        assert str(info.value).splitlines()[-1] == hint
+        if item == "config":
+            with pytest.raises(CorruptCheckpointError) as info:
+                ckpt.read_config()
+            assert str(info.value).splitlines()[-1] == hint
+        else:
+            assert ckpt.read_config() == json.loads(json.dumps(CONFIG))
+    if item != "state":  # load_theta reads everything but the state
+        with pytest.raises(CorruptCheckpointError) as info:
+            load_theta(ckpt_dir)
+        assert str(info.value).splitlines()[-1] == hint
+
+
+def test_saved_steps_reads_without_creating_anything(tmp_path, ckpt_dir):
+    assert saved_steps(str(tmp_path / "nowhere")) == []
+    assert not (tmp_path / "nowhere").exists()
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(3, make_theta(), make_state(3), CONFIG)
+    assert saved_steps(ckpt_dir) == [3]
+
+
+def test_where_a_run_lives_is_not_part_of_its_identity():
+    saved = dict(CONFIG, run=dict(CONFIG["run"], out_dir="runs/a"))
+    moved = dict(CONFIG, run=dict(CONFIG["run"], out_dir="/elsewhere/runs/a-copy"))
+    check_compatible(saved, moved)

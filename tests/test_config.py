@@ -67,3 +67,141 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     c = load_config(ROOT / "configs" / "default.toml", ["meta.outer_steps=3"])
     save_config(c, tmp_path / "config.json")
     assert from_dict(json.loads((tmp_path / "config.json").read_text())) == c
+
+
+# ------------------------------------------------------------------------ value ranges
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        # Nonsense that was accepted and ran (issue 7, point 3).
+        ("meta.outer_lr=nan", "meta.outer_lr", "finite number > 0"),
+        ("meta.outer_lr=0", "meta.outer_lr", "finite number > 0"),
+        ("meta.outer_lr=-1", "meta.outer_lr", "finite number > 0"),
+        ("meta.outer_lr=inf", "meta.outer_lr", "finite number > 0"),
+        ("meta.grad_clip=0", "meta.grad_clip", "finite number > 0"),
+        ("meta.grad_clip=-1.0", "meta.grad_clip", "finite number > 0"),
+        ("meta.loss_clip=0", "meta.loss_clip", "finite number > 0"),
+        ("meta.diff_clip=-0.5", "meta.diff_clip", r">= 0 \(0: off\)"),
+        ("meta.diff_clip=nan", "meta.diff_clip", r">= 0 \(0: off\)"),
+        ("meta.sigma=nan", "meta.sigma", "finite number > 0"),
+        ("eval.adam_lrs=[1e-3, -1e-2]", r"eval.adam_lrs\[1\]", "finite number > 0"),
+        ("eval.adam_lrs=[nan]", r"eval.adam_lrs\[0\]", "finite number > 0"),
+        ("lopt.hidden_layers=0", "lopt.hidden_layers", "integer >= 1"),
+        ("lopt.rms_decay=1.0", "lopt.rms_decay", r"in \[0, 1\)"),
+        ("lopt.momentum_decays=[0.9, -0.1]", r"lopt.momentum_decays\[1\]", r"in \[0, 1\)"),
+        ("lopt.step_mult=0", "lopt.step_mult", "finite number > 0"),
+        ("lopt.exp_mult=-1e-3", "lopt.exp_mult", "finite number > 0"),
+        ("task_family.init_scale=[2.0, 1.0]", "task_family.init_scale", "low <= high"),
+        ("task_family.init_scale=[0.0, 1.0]", "task_family.init_scale", "0 < low"),
+        ("task_family.init_scale=[1.0, inf]", "task_family.init_scale", "finite"),
+        ("task_family.valid_size=1.0", "task_family.valid_size", r"in \(0, 1\)"),
+        ("task_family.resolution=-8", "task_family.resolution", "integer >= 0"),
+        ("run.seed=-1", "run.seed", r"\[0, 2\*\*32 - 1\]"),
+        ("run.seed=4294967296", "run.seed", "wrap around"),
+        ("run.out_dir=''", "run.out_dir", "non-empty string"),
+        ("run.max_to_keep=0", "run.max_to_keep", "integer >= 1"),
+        ("meta.min_episode_len=0", "meta.min_episode_len", "integer >= 1"),
+        # Errors that used to surface only after compilation or meta-training (point 4).
+        ("run.checkpoint_every=0", "run.checkpoint_every", "integer >= 1"),
+        ("run.log_every=0", "run.log_every", "integer >= 1"),
+        ("eval.num_tasks=0", "eval.num_tasks", "integer >= 1"),
+        ("eval.num_seeds=0", "eval.num_seeds", "integer >= 1"),
+        ("eval.num_steps=-1", "eval.num_steps", "integer >= 0"),
+        ("eval.eval_every=-1", "eval.eval_every", "integer >= 0"),
+        ("eval.adam_lrs=[]", "eval.adam_lrs", "non-empty list, each item a finite number > 0"),
+        ("lopt.momentum_decays=[]", "lopt.momentum_decays", r"non-empty list, each item .*\[0"),
+        # Values that used to end in a traceback (point 7).
+        ("lopt.kind=adam", "lopt.kind", "one of 'mlp'"),
+        ("task_family.datasets=['mnist1d', 'svhn']", r"task_family.datasets\[1\]", "'mnist1d'"),
+        ("task_family.datasets=[]", "task_family.datasets", "non-empty list"),
+        ("task_family.activations=[]", "task_family.activations", "non-empty list.*'relu'"),
+        ("task_family.batch_sizes=[0]", r"task_family.batch_sizes\[0\]", "integer >= 1"),
+        ("task_family.hidden_sizes=[[32], [0]]", r"task_family.hidden_sizes\[1\]\[0\]", ">= 1"),
+        ("task_family.hidden_sizes=[]", "task_family.hidden_sizes", "non-empty list"),
+        ("lopt.hidden_size=0", "lopt.hidden_size", "integer >= 1"),
+    ],
+)
+def test_values_out_of_range_fail_naming_the_key_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError, match=f"^{key} must be .*{allowed}") as info:
+        load_config(None, [override])
+    assert "got" in str(info.value)  # and the value it got
+
+
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        (["meta.num_pairs=6", "meta.task_groups=4"], ["meta.num_pairs", "meta.task_groups"]),
+        (["meta.window=50", "meta.min_episode_len=40"], ["meta.window", "meta.min_episode_len"]),
+        (["meta.min_episode_len=500"], ["meta.min_episode_len", "meta.max_episode_len"]),
+        (["meta.estimator=full_es"], ["meta.window", "meta.max_episode_len"]),
+    ],
+)
+def test_relations_between_keys_name_every_key_involved(overrides, keys):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    for key in keys:
+        assert key in str(info.value)
+
+
+def test_documented_special_values_are_accepted():
+    c = load_config(
+        None,
+        [
+            "meta.diff_clip=0",  # off
+            "eval.num_steps=0",  # meta.max_episode_len
+            "eval.eval_every=0",  # start and end only
+            "task_family.resolution=0",  # keep the size
+            "task_family.hidden_sizes=[[], [8]]",  # [] is a linear classifier
+            "lopt.momentum_decays=[0.0, 0.9]",
+            "run.seed=4294967295",
+            "meta.outer_lr=1",  # an integer where a float is expected
+        ],
+    )
+    assert c.meta.diff_clip == 0.0 and c.eval.eval_every == 0
+    assert c.task_family.hidden_sizes == ((), (8,))
+    assert c.meta.outer_lr == 1.0 and isinstance(c.meta.outer_lr, float)
+
+
+def test_every_key_of_every_section_has_exactly_one_rule():
+    import dataclasses  # noqa: PLC0415
+
+    from meta_train.config import RULES  # noqa: PLC0415
+
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    assert set(RULES) == set(sections)
+    defaults = Config()
+    for name in sections:
+        fields = {f.name for f in dataclasses.fields(getattr(defaults, name))}
+        assert set(RULES[name]) == fields, name
+
+
+def test_sections_built_directly_are_checked_too():
+    import dataclasses  # noqa: PLC0415
+
+    from meta_train.config import EvalConfig, LOptConfig, MetaConfig, RunConfig  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="meta.sigma"):
+        MetaConfig(sigma=float("nan"))
+    with pytest.raises(ConfigError, match="eval.adam_lrs"):
+        EvalConfig(adam_lrs=())
+    with pytest.raises(ConfigError, match="lopt.hidden_layers"):
+        LOptConfig(hidden_layers=0)
+    with pytest.raises(ConfigError, match="run.log_every"):
+        RunConfig(log_every=0)
+    family = dataclasses.replace(Config().task_family, batch_sizes=(0,))  # tasks.family's class
+    with pytest.raises(ConfigError, match=r"task_family.batch_sizes\[0\]"):
+        Config(task_family=family)
+
+
+def test_config_file_that_is_a_directory_or_not_utf8_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1} is not UTF-8"):
+        load_config(latin1)
+    utf8 = tmp_path / "utf8.toml"
+    utf8.write_bytes('[run]\nname = "café"\n'.encode())
+    assert load_config(utf8).run.name == "café"

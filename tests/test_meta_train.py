@@ -2,6 +2,8 @@
 diverging inner runs, logs, and its checkpoint alone gives the optax optimizer."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -14,7 +16,7 @@ from evaluate.suite import train_seeds
 from lopt.export import as_optax, load_optax
 from lopt.mlp_lopt import MLPLOpt
 from meta_train.build import build_run
-from meta_train.checkpoint import ConfigMismatchError
+from meta_train.checkpoint import ConfigMismatchError, load_theta
 from meta_train.config import ConfigError, load_config
 from meta_train.estimators import TBPTT, FullES, PersistentES, WindowObjective, make_estimator
 from meta_train.learner import init_learner, outer_optimizer, outer_step
@@ -422,3 +424,167 @@ def test_two_task_groups_from_the_config(tmp_path):
         for a, b in zip(jax.tree.leaves(theta0), jax.tree.leaves(state.theta), strict=True)
     )
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+# --------------------------------------------------------- run folders and user errors (CLI)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run with checkpoints at steps 1 and 2; tests work on copies."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    run = build_run(
+        load_config(
+            None, TINY + [f"run.out_dir='{out}'", "meta.outer_steps=2", "run.checkpoint_every=1"]
+        )
+    )
+    meta_train(run)
+    return out
+
+
+def _copy(trained, dest):
+    shutil.copytree(trained, dest)
+    return dest
+
+
+def _cli(tmp_path, *extra):
+    """Arguments of a tiny run in tmp_path/run that would train one step, without eval."""
+    return [*TINY, f"run.out_dir='{tmp_path / 'run'}'", "meta.outer_steps=1", "--no-eval", *extra]
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+def test_a_moved_or_copied_run_folder_resumes_under_its_new_path(tmp_path, trained):
+    saved_theta, _ = load_theta(str(trained / "checkpoints"))
+    moved = _copy(trained, tmp_path / "elsewhere" / "moved")
+    link = tmp_path / "link"
+    os.symlink(moved, link)  # the same folder by another path
+    for out_dir in (moved, link):
+        cfg = load_config(
+            None,
+            TINY + [f"run.out_dir='{out_dir}'", "meta.outer_steps=2", "run.checkpoint_every=1"],
+        )
+        state, _ = meta_train(build_run(cfg), resume=True)
+        assert int(state.step) == 2
+        for a, b in zip(jax.tree.leaves(saved_theta), jax.tree.leaves(state.theta), strict=True):
+            np.testing.assert_array_equal(a, b)
+        saved = json.loads((moved / "config.json").read_text())
+        assert saved["run"]["out_dir"] == str(out_dir)  # the config now says where it lives
+
+
+def test_resume_without_a_checkpoint_fails_and_creates_nothing(tmp_path, capsys):
+    assert main(_cli(tmp_path, "--resume")) == 2
+    last = _last_line(capsys.readouterr().err)
+    assert "--resume: no checkpoint to resume in" in last and str(tmp_path / "run") in last
+    assert "drop --resume" in last
+    assert not (tmp_path / "run").exists()
+    # An existing folder without checkpoints (an interrupted first save) is no better.
+    (tmp_path / "run" / "checkpoints" / "1.orbax-checkpoint-tmp").mkdir(parents=True)
+    assert main(_cli(tmp_path, "--resume")) == 2
+    assert "1.orbax-checkpoint-tmp (interrupted save" in _last_line(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        meta_train(build_run(_config(tmp_path / "other")), resume=True)
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("lopt.kind=adam", "lopt.kind"),
+        ("task_family.datasets=['svhn']", "task_family.datasets[0]"),
+        ("task_family.activations=[]", "task_family.activations"),
+        ("task_family.batch_sizes=[0]", "task_family.batch_sizes[0]"),
+        ("lopt.hidden_size=0", "lopt.hidden_size"),
+        ("lopt.momentum_decays=[]", "lopt.momentum_decays"),
+        ("run.checkpoint_every=0", "run.checkpoint_every"),
+        ("run.log_every=0", "run.log_every"),
+        ("eval.num_tasks=0", "eval.num_tasks"),
+        ("eval.num_seeds=0", "eval.num_seeds"),
+        ("eval.adam_lrs=[]", "eval.adam_lrs"),
+        ("meta.outer_lr=nan", "meta.outer_lr"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_built_or_written(tmp_path, capsys, override, key):
+    # outer_steps=1 with the evaluation on: before, these failed after training (or crashed).
+    args = [*TINY, f"run.out_dir='{tmp_path / 'run'}'", "meta.outer_steps=1", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert _last_line(err).startswith(f"config error: {key} must be ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_config_files_are_user_errors(tmp_path, capsys):
+    assert main(["--config", str(tmp_path)]) == 2
+    assert "is a directory" in _last_line(capsys.readouterr().err)
+    latin1 = tmp_path / "c.toml"
+    latin1.write_bytes('[run]\nname = "caf\xe9"\n'.encode("latin-1"))
+    assert main(["--config", str(latin1)]) == 2
+    assert "is not UTF-8" in _last_line(capsys.readouterr().err)
+
+
+def test_a_missing_dataset_is_a_user_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOPT_NO_TFDS", "1")
+    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path / "no-data"))
+    assert main(_cli(tmp_path, "task_family.datasets=['cifar10']")) == 2
+    err = capsys.readouterr().err
+    assert err.lstrip().startswith("error: ") and "cifar10" in err
+    assert str(tmp_path / "no-data") in err and "Traceback" not in err
+
+
+def test_missing_wandb_credentials_are_a_user_error(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in [v for v in os.environ if v.startswith("WANDB_") and v != "WANDB_SERVICE"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert main(_cli(tmp_path, "run.wandb_mode=online")) == 2
+    err = capsys.readouterr().err
+    assert "no W&B credentials" in _last_line(err) and "wandb login" in _last_line(err)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints"
+    )
+
+
+def test_existing_checkpoints_and_config_mismatch_are_user_errors(tmp_path, trained, capsys):
+    run_dir = _copy(trained, tmp_path / "run")
+    before = sorted(os.listdir(run_dir / "checkpoints"))
+    assert main(_cli(tmp_path)) == 2  # a new run in a folder with checkpoints
+    last = _last_line(capsys.readouterr().err)
+    assert "already holds checkpoints (latest step 2)" in last and "--resume" in last
+    assert main(_cli(tmp_path, "--resume", "meta.window=5")) == 2
+    err = capsys.readouterr().err
+    assert "meta.window: saved 10, now 5" in err and "Traceback" not in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
+
+
+def test_debug_shows_the_traceback_of_user_errors(tmp_path):
+    with pytest.raises(ConfigError, match="lopt.kind"):
+        main(_cli(tmp_path, "lopt.kind=adam", "--debug"))
+
+
+# orbax abandons the sibling reads of a failed one; their coroutines are reported at collection.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("item", ["theta", "state", "config", "manifest"])
+def test_corrupt_checkpoint_hint_is_the_last_line_whichever_item(tmp_path, trained, capsys, item):
+    run_dir = _copy(trained, tmp_path / "run")
+    step_dir = run_dir / "checkpoints" / "2"
+    if item in ("theta", "state"):
+        (step_dir / item / "_METADATA").unlink()
+    else:
+        (step_dir / item / "metadata").write_text("{not json")
+    args = [*TINY, f"run.out_dir='{run_dir}'", "meta.outer_steps=2", "--no-eval", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"checkpoint {step_dir}" in err
+    assert _last_line(err) == (
+        "Earlier steps on disk: [1]; restore one with step=... (python -m evaluate --step), "
+        f"or move {step_dir} aside to resume from step 1."
+    )

@@ -355,3 +355,20 @@ def test_past_the_horizon_progress_saturates_and_the_update_anneals():
     # Once tanh has saturated as well (float32 tanh(x) = 1 for x ≥ 9), updates differ only
     # by the decay: u(s) · s is constant (float32 round-off in the scale: rtol 1e-6).
     np.testing.assert_allclose(update_at(10_000) * 10_000, update_at(100_000) * 100_000, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"hidden_layers": 0}, "hidden_layers"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"momentum_decays": ()}, "momentum_decays"),
+        ({"momentum_decays": (0.9, 1.0)}, "momentum_decays"),
+        ({"rms_decay": -0.1}, "rms_decay"),
+        ({"step_mult": float("nan")}, "step_mult"),
+        ({"exp_mult": 0.0}, "exp_mult"),
+    ],
+)
+def test_meaningless_settings_are_refused_naming_the_setting(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        MLPLOpt(**kwargs)
