@@ -23,6 +23,7 @@ import numpy as np
 
 from meta_train.build import build_run
 from meta_train.config import load_config
+from meta_train.devices import use_cpu_cores
 from meta_train.logging import read_metrics
 from meta_train.main import meta_train
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = p.parse_args(argv)
+    use_cpu_cores()  # as the main job
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [e.strip() for e in args.estimators.split(",") if e.strip()]

@@ -40,6 +40,7 @@ import numpy as np
 
 from meta_train.build import build_run
 from meta_train.config import load_config
+from meta_train.devices import use_cpu_cores
 from meta_train.learner import outer_step
 from tasks.datasets import Dataset, DatasetNotFoundError
 from tasks.family import MLPTaskFamily
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         # XLA sizes its CPU thread pools from the affinity mask when its client starts (at
         # the first computation), so pinning here takes effect.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    use_cpu_cores()  # as the main job: one CPU device per core, pairs sharded
 
     config = load_config(
         None, REFERENCE + [f"task_family.datasets=['{args.dataset}']"] + args.overrides

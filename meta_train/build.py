@@ -10,6 +10,7 @@ import jax
 from lopt.base import LearnedOptimizer
 from lopt.registry import make_lopt
 from meta_train.config import Config
+from meta_train.devices import shard_learner_state
 from meta_train.estimators import WindowObjective, make_estimator
 from meta_train.learner import init_learner, outer_optimizer
 from meta_train.lopt_problem import LOptProblem
@@ -33,13 +34,23 @@ class Run:
     templates: list[int]
 
     def init_state(self):
+        """The initial learner state, particles sharded across devices."""
+        return self.place(self._initial_state())
+
+    def _initial_state(self):
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), TRAIN_STREAM)
         k_theta, k_learner = jax.random.split(key)
         theta = self.lopt.init_meta(k_theta)
         return init_learner(self.estimator, theta, self.outer_opt, k_learner)
 
     def abstract_state(self):
-        return jax.eval_shape(self.init_state)
+        """Shapes and dtypes of the learner state (restore targets)."""
+        return jax.eval_shape(self._initial_state)
+
+    def place(self, state):
+        """The learner state with its pairs sharded across devices (`meta_train.devices`)."""
+        m = self.config.meta
+        return shard_learner_state(state, m.num_pairs // m.task_groups)
 
     def held_out_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), HELD_OUT_STREAM)

@@ -2,8 +2,9 @@
 
 On the CPU, XLA's default LLVM optimisation level spends about twice the compile time of
 level 1 on the outer step and produces slower code for its many small, narrow kernels
-(measured on the speed benchmark's reference configuration, one core: compile 11.1 s ->
-6.5 s, inner steps per second +9 %; `python -m evaluate.speed` prints both). Other backends
+(measured on the speed benchmark's reference configuration, one core, in one process:
+compile 11.1 s -> 6.5 s, inner steps per second +9 %; `python -m evaluate.speed` prints
+both). Other backends
 keep XLA's defaults. The backend is looked up at the first call, not at import, so a
 process can still pin its cores before XLA starts.
 """
@@ -16,7 +17,14 @@ from typing import Any
 
 import jax
 
-CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1, "xla_cpu_multi_thread_eigen": False}
+CPU_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 1,
+    # One device's kernels stay on its thread; with one device per core
+    # (`meta_train.devices`) the cores are used by the devices, not inside each kernel.
+    "xla_cpu_multi_thread_eigen": False,
+    # XLA's concurrency-optimised scheduler: no faster here and 0.4 s longer to compile.
+    "xla_cpu_enable_concurrency_optimized_scheduler": False,
+}
 
 
 class _BackendJit:

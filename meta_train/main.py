@@ -31,6 +31,7 @@ from meta_train.checkpoint import (
 )
 from meta_train.cli import run_cli
 from meta_train.config import Config, ConfigError, load_config, save_config
+from meta_train.devices import use_cpu_cores
 from meta_train.learner import outer_step
 from meta_train.logging import ProgressBar, RunLogger
 
@@ -95,7 +96,7 @@ def _restore(run: Run, ckpt: Checkpointer, step: int):
     check_compatible(ckpt.read_config(step), run.config.to_dict())
     abstract = run.abstract_state()
     theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
-    return rest.replace(theta=theta)
+    return run.place(rest.replace(theta=theta))
 
 
 def meta_train(run: Run, *, resume: Resume = False, stream=None):
@@ -194,6 +195,7 @@ def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_cpu_cores()  # one CPU device per core; particles are sharded across them
     return run_cli(lambda: _main(args), debug=args.debug)
 
 

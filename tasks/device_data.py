@@ -24,8 +24,14 @@ class SplitArrays(struct.PyTreeNode):
     counts: jax.Array  # [num_datasets] int32: rows of each dataset
 
     def sample(self, key: jax.Array, batch_size: int, dataset: jax.Array | int = 0):
-        """Samples `batch_size` rows (with replacement) of dataset number `dataset`."""
-        idx = jax.random.randint(key, (batch_size,), 0, self.counts[dataset])
+        """Samples `batch_size` rows (with replacement) of dataset number `dataset`.
+
+        Rows are 32 random bits modulo the row count: one random draw per batch where
+        `jax.random.randint` makes three (each a loop in the compiled step on the CPU), at a
+        bias below count / 2^32 (1.4e-5 for 60,000 rows).
+        """
+        bits = jax.random.bits(key, (batch_size,), jnp.uint32)
+        idx = (bits % self.counts[dataset].astype(jnp.uint32)).astype(jnp.int32)
         idx = idx + self.offsets[dataset]
         return self.x[idx], self.y[idx]
 

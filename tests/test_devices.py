@@ -1,0 +1,95 @@
+"""Particles sharded across CPU devices (one per core) give the single-device estimate."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from meta_train.build import build_run
+from meta_train.config import load_config
+from meta_train.devices import pair_sharding, use_cpu_cores
+from meta_train.learner import outer_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "task_family.hidden_sizes=[[16]]",
+    "task_family.batch_sizes=[32]",
+    "meta.num_pairs=4",
+    "meta.window=10",
+    "meta.min_episode_len=50",
+    "meta.max_episode_len=50",
+    "meta.task_groups=1",
+    "run.wandb_mode='disabled'",
+]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from meta_train.devices import use_cpu_cores, pair_sharding
+    use_cpu_cores()
+    import jax
+    from meta_train.build import build_run
+    from meta_train.config import load_config
+    from meta_train.learner import outer_step
+    run = build_run(load_config(None, json.loads(sys.argv[1])))
+    state = run.init_state()
+    particles = jax.tree.leaves(state.est_state.particles)
+    before = [len(x.sharding.device_set) for x in particles]
+    metrics = []
+    for _ in range(2):
+        state, m = outer_step(run.estimator, state, run.outer_opt)
+        metrics.append({k: float(m[k]) for k in ("meta_loss", "grad_norm")})
+    after = [len(x.sharding.device_set) for x in jax.tree.leaves(state.est_state.particles)]
+    theta_devices = len(jax.tree.leaves(state.theta)[0].sharding.device_set)
+    print(json.dumps({"devices": len(jax.devices()), "before": before, "after": after,
+                      "theta_devices": theta_devices, "metrics": metrics,
+                      "odd_pairs_replicated": pair_sharding(3) is None}))
+    """
+)
+
+
+def _single_device_metrics():
+    run = build_run(load_config(None, TINY))
+    state = run.init_state()
+    out = []
+    for _ in range(2):
+        state, m = outer_step(run.estimator, state, run.outer_opt)
+        out.append({k: float(m[k]) for k in ("meta_loss", "grad_norm")})
+    return out
+
+
+def test_pairs_shard_across_two_cpu_devices_and_estimate_the_same_gradient():
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 2
+    assert set(got["before"]) == {2} and set(got["after"]) == {2}  # stays sharded
+    assert got["theta_devices"] == 2  # replicated on both
+    assert got["odd_pairs_replicated"]
+    # The same estimate: only the order of the sums over pairs differs between one and two
+    # devices (float32 round-off, ~1e-7 relative; two outer steps let it grow a little).
+    for two, one in zip(got["metrics"], _single_device_metrics(), strict=True):
+        for k in ("meta_loss", "grad_norm"):
+            np.testing.assert_allclose(two[k], one[k], rtol=1e-4, err_msg=k)
+
+
+def test_device_count_is_fixed_once_jax_runs():
+    jax.devices()  # the backend is running in this process
+    before = len(jax.devices())
+    use_cpu_cores(4)  # too late: changes nothing and does not fail
+    assert len(jax.devices()) == before
+    if before == 1:
+        assert pair_sharding(8) is None  # one device holds everything
