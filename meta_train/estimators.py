@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.flatten_util import ravel_pytree
 
 from meta_train.unroll import EpisodeSchedule, Particle, WindowOut, init_group, unroll_window
 
@@ -93,50 +94,51 @@ class WindowObjective:
 
 class EstimatorState(struct.PyTreeNode):
     """Per task group: particles [pairs, members, ...], accumulated noise ξ and current ε
-    ([pairs, ...θ]). `FullES` and `TBPTT` keep only what they use."""
+    ([pairs, D], θ flattened to D numbers in `ravel_pytree` order). `FullES` and `TBPTT`
+    keep only what they use."""
 
     particles: tuple[Particle, ...]
     accum: tuple[Any, ...] = ()
     noise: tuple[Any, ...] = ()
 
 
-def normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
-    """`num` Gaussian perturbations of θ's shape with standard deviation `sigma`.
+def flat_normal(key: jax.Array, num: int, size: int, sigma: float, dtype=jnp.float32):
+    """[num, size] Gaussian perturbations with standard deviation `sigma` (Box-Muller).
 
-    One draw for the whole flattened θ, materialised once: XLA would otherwise fuse the
-    (elementwise) generator into every consumer of ε, compiling and running it many times.
+    One draw for the whole flattened θ. Its log and cos are "expensive" for XLA, so the
+    generator is computed once rather than fused (recomputed) into every consumer of ε.
     """
-    leaves, treedef = jax.tree.flatten(theta)
-    dtype = jnp.result_type(*leaves)
-    size = sum(x.size for x in leaves)
     u = jax.random.uniform(key, (2, num, size), dtype, minval=jnp.finfo(dtype).tiny)
-    flat = sigma * jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * jnp.pi * u[1])
-    out, start = [], 0
-    for x in leaves:
-        out.append(flat[:, start : start + x.size].reshape((num,) + x.shape).astype(x.dtype))
-        start += x.size
-    return jax.tree.unflatten(treedef, out)
+    return sigma * jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * jnp.pi * u[1])
 
 
-def pair_thetas(theta: Any, eps: Any) -> Any:
-    """[pairs, 2, ...]: θ+ε and θ−ε for every pair."""
-    return jax.tree.map(lambda t, e: jnp.stack([t + e, t - e], axis=1), theta, eps)
+def normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
+    """`num` perturbations of θ's structure ([num, ...] leaves): `flat_normal`, unflattened."""
+    flat, unravel = ravel_pytree(theta)
+    return jax.vmap(unravel)(flat_normal(key, num, flat.size, sigma, flat.dtype))
+
+
+def pair_thetas(flat_theta: jax.Array, eps: jax.Array, unravel) -> Any:
+    """θ+ε and θ−ε for every pair, as θ-structured leaves [pairs, 2, ...].
+
+    Args:
+      flat_theta: θ flattened, [D].
+      eps: perturbations [pairs, D].
+      unravel: `ravel_pytree`'s inverse for θ.
+    """
+    both = jnp.stack([flat_theta + eps, flat_theta - eps], axis=1)
+    return jax.vmap(jax.vmap(unravel))(both)
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
 
-def _scale(v: jax.Array, tree: Any) -> Any:
-    """Multiplies every [pairs, ...] leaf of `tree` by the [pairs] vector `v`."""
-    return jax.tree.map(lambda x: _bcast(v, x) * x, tree)
-
-
-def _diagnostics(per_pair: Any, stats: list[dict]) -> tuple[Any, dict]:
-    """The mean estimate over pairs, and metrics of the window."""
-    grad = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_pair)
+def _diagnostics(per_pair: jax.Array, stats: list[dict]) -> tuple[jax.Array, dict]:
+    """The mean estimate over pairs ([D] from [pairs, D]), and metrics of the window."""
+    grad = jnp.mean(per_pair, axis=0)
     # Trace of the covariance of single-pair estimates: the estimator's noise level.
-    var = sum(jnp.sum(jnp.var(x, axis=0)) for x in jax.tree.leaves(per_pair))
+    var = jnp.sum(jnp.var(per_pair, axis=0))
     n_pairs = sum(s["pairs"] for s in stats)
     metrics = {
         "meta_loss": sum(s["meta_loss"] * s["pairs"] for s in stats) / n_pairs,
@@ -257,56 +259,64 @@ class PersistentES(_Base):
     def init(self, key: jax.Array, theta: Any) -> EstimatorState:
         if self.mode not in ("pes", "es_single", "tes"):
             raise ValueError(f"unknown mode {self.mode!r}")
-        zeros = jax.tree.map(lambda t: jnp.zeros((self.pairs_per_group,) + t.shape, t.dtype), theta)
+        flat = ravel_pytree(theta)[0]
+        zeros = jnp.zeros((self.pairs_per_group, flat.size), flat.dtype)
         groups = len(self.problems)
         return EstimatorState(
             self._init_particles(key, theta), (zeros,) * groups, (zeros,) * groups
         )
 
-    def _group(self, problem, theta, particles: Particle, accum, noise, key):
+    def _group(self, problem, theta, unravel, particles: Particle, accum, noise, key):
+        """One group's window; `theta` is θ flattened, `accum`, `noise` and the returned
+        per-pair estimates are [pairs, D]."""
         n = self.pairs_per_group
         k_eps, k_unroll = jax.random.split(key)
-        fresh = normal_like(k_eps, theta, n, self.sigma)
+        fresh = flat_normal(k_eps, n, theta.size, self.sigma, theta.dtype)
         if self.mode == "es_single":
             # A new ε only where an episode starts at this window (the state has not yet
             # been run with any ε); an episode that began mid-window keeps the ε it began with.
-            eps = _select(particles.step[:, 0] == 0, fresh, noise)
+            eps = jnp.where((particles.step[:, 0] == 0)[:, None], fresh, noise)
             xi = eps
         elif self.mode == "tes":
             eps, xi = fresh, fresh
             particles = jax.tree.map(lambda x: jnp.repeat(x[:, :1], 2, axis=1), particles)
         else:
             eps = fresh
-            xi = jax.tree.map(jnp.add, accum, eps)
+            xi = accum + eps
 
         keys = jax.random.split(k_unroll, n)
         particles, out = unroll_pairs(
-            problem, pair_thetas(theta, eps), particles, keys, self.schedule, self.objective
+            problem,
+            pair_thetas(theta, eps, unravel),
+            particles,
+            keys,
+            self.schedule,
+            self.objective,
         )
         before, after = jax.vmap(self.objective.split)(out)  # [pairs, 2] each
         ok = jnp.all(out.finite, axis=(1, 2))
         d_before = jnp.where(ok, self.objective.transform(before[:, 0] - before[:, 1]), 0.0)
         d_after = jnp.where(ok, self.objective.transform(after[:, 0] - after[:, 1]), 0.0)
         c = 1.0 / (2.0 * self.sigma**2)
-        per_pair = jax.tree.map(
-            lambda x, e: c * (_bcast(d_before, x) * x + _bcast(d_after, e) * e), xi, eps
-        )
+        per_pair = c * (d_before[:, None] * xi + d_after[:, None] * eps)
         # After an episode end, ξ restarts from the ε the new episode has run with so far:
         # ε if it ran steps inside this window, nothing if the reset fell on the last step.
         # (Fresh states are treated as independent of θ.)
         crossed = jnp.any(out.resets, axis=1)
         ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
-        restart = _select(ran_after, eps, jax.tree.map(jnp.zeros_like, eps))
-        new_accum = _select(crossed, restart, xi) if self.mode == "pes" else accum
+        restart = jnp.where(ran_after[:, None], eps, 0.0)
+        new_accum = jnp.where(crossed[:, None], restart, xi) if self.mode == "pes" else accum
         return per_pair, particles, new_accum, eps, _window_stats(out, ok, self.objective)
 
     def estimate(
         self, state: EstimatorState, theta: Any, key: jax.Array
     ) -> tuple[Any, EstimatorState, dict]:
+        flat, unravel = ravel_pytree(theta)
         results = [
             self._group(
                 p,
-                theta,
+                flat,
+                unravel,
                 state.particles[g],
                 state.accum[g],
                 state.noise[g],
@@ -314,14 +324,14 @@ class PersistentES(_Base):
             )
             for g, p in enumerate(self.problems)
         ]
-        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r[0] for r in results])
+        per_pair = jnp.concatenate([r[0] for r in results])
         grad, metrics = _diagnostics(per_pair, [r[4] for r in results])
         new_state = EstimatorState(
             tuple(r[1] for r in results),
             tuple(r[2] for r in results),
             tuple(r[3] for r in results),
         )
-        return grad, new_state, metrics
+        return unravel(grad), new_state, metrics
 
 
 def _select(cond: jax.Array, a: Any, b: Any) -> Any:
@@ -351,12 +361,13 @@ class FullES(_Base):
         self, state: EstimatorState, theta: Any, key: jax.Array
     ) -> tuple[Any, EstimatorState, dict]:
         n, sched = self.pairs_per_group, self.schedule
+        flat, unravel = ravel_pytree(theta)
         per_pairs, stats = [], []
         for g, problem in enumerate(self.problems):
             # Keys derived as in PersistentES: the same key gives the same ε and data.
             k_eps, k_unroll = jax.random.split(jax.random.fold_in(key, g))
-            eps = normal_like(k_eps, theta, n, self.sigma)
-            thetas = pair_thetas(theta, eps)
+            eps = flat_normal(k_eps, n, flat.size, self.sigma, flat.dtype)
+            thetas = pair_thetas(flat, eps, unravel)
 
             def episode(th, k, problem=problem):
                 length = jnp.int32(sched.window)
@@ -370,11 +381,10 @@ class FullES(_Base):
             total = before + after
             ok = jnp.all(out.finite, axis=(1, 2))
             d = jnp.where(ok, self.objective.transform(total[:, 0] - total[:, 1]), 0.0)
-            per_pairs.append(_scale(d / (2.0 * self.sigma**2), eps))
+            per_pairs.append((d / (2.0 * self.sigma**2))[:, None] * eps)
             stats.append(_window_stats(out, ok, self.objective))
-        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
-        grad, metrics = _diagnostics(per_pair, stats)
-        return grad, state, metrics
+        grad, metrics = _diagnostics(jnp.concatenate(per_pairs), stats)
+        return unravel(grad), state, metrics
 
 
 class TBPTT(_Base):
@@ -423,12 +433,12 @@ class TBPTT(_Base):
                 ),
                 axis=0,
             )
-            per_pairs.append(_scale((ok & finite).astype(jnp.float32), _zero_nan(grads)))
+            flat_grads = jax.vmap(lambda t: ravel_pytree(t)[0])(_zero_nan(grads))  # [pairs, D]
+            per_pairs.append((ok & finite).astype(flat_grads.dtype)[:, None] * flat_grads)
             groups.append(parts)
             stats.append(_window_stats(out, ok, self.objective))
-        per_pair = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_pairs)
-        grad, metrics = _diagnostics(per_pair, stats)
-        return grad, EstimatorState(tuple(groups)), metrics
+        grad, metrics = _diagnostics(jnp.concatenate(per_pairs), stats)
+        return ravel_pytree(theta)[1](grad), EstimatorState(tuple(groups)), metrics
 
 
 def _zero_nan(tree: Any) -> Any:

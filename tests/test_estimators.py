@@ -191,7 +191,7 @@ def test_pes_episode_boundaries_inside_windows_match_a_step_by_step_reference():
         n = np.zeros(pairs, int)
         for w in range(windows):
             g, state, _ = step(state, jax.random.PRNGKey(w))
-            eps = np.asarray(state.noise[0])  # the ε this window used
+            eps = np.asarray(state.noise[0]).reshape(pairs)  # the ε this window used ([pairs, D=1])
             xi = xi + eps
             g_ref = np.zeros(pairs)
             for i in range(pairs):
