@@ -112,12 +112,6 @@ def flat_normal(key: jax.Array, num: int, size: int, sigma: float, dtype=jnp.flo
     return sigma * jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * jnp.pi * u[1])
 
 
-def normal_like(key: jax.Array, theta: Any, num: int, sigma: float) -> Any:
-    """`num` perturbations of θ's structure ([num, ...] leaves): `flat_normal`, unflattened."""
-    flat, unravel = ravel_pytree(theta)
-    return jax.vmap(unravel)(flat_normal(key, num, flat.size, sigma, flat.dtype))
-
-
 def pair_thetas(flat_theta: jax.Array, eps: jax.Array, unravel) -> Any:
     """θ+ε and θ−ε for every pair, as θ-structured leaves [pairs, 2, ...].
 
