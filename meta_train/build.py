@@ -10,7 +10,7 @@ import jax
 from lopt.base import LearnedOptimizer
 from lopt.registry import make_lopt
 from meta_train.config import Config
-from meta_train.devices import shard_learner_state
+from meta_train.devices import shard_learner_state, with_shardings
 from meta_train.estimators import WindowObjective, make_estimator
 from meta_train.learner import init_learner, outer_optimizer
 from meta_train.lopt_problem import LOptProblem
@@ -44,13 +44,16 @@ class Run:
         return init_learner(self.estimator, theta, self.outer_opt, k_learner)
 
     def abstract_state(self):
-        """Shapes and dtypes of the learner state (restore targets)."""
-        return jax.eval_shape(self._initial_state)
+        """Shapes, dtypes and placement of the learner state (restore targets)."""
+        return with_shardings(jax.eval_shape(self._initial_state), self._pairs_per_group)
 
     def place(self, state):
         """The learner state with its pairs sharded across devices (`meta_train.devices`)."""
-        m = self.config.meta
-        return shard_learner_state(state, m.num_pairs // m.task_groups)
+        return shard_learner_state(state, self._pairs_per_group)
+
+    @property
+    def _pairs_per_group(self) -> int:
+        return self.config.meta.num_pairs // self.config.meta.task_groups
 
     def held_out_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), HELD_OUT_STREAM)

@@ -56,25 +56,41 @@ def pair_sharding(num_pairs: int) -> tuple[NamedSharding, NamedSharding] | None:
     return NamedSharding(mesh, PartitionSpec(PAIRS_AXIS)), NamedSharding(mesh, PartitionSpec())
 
 
-def shard_learner_state(state: Any, pairs_per_group: int) -> Any:
-    """Places the estimator state's pair axis across devices, everything else replicated.
+def learner_shardings(state: Any, pairs_per_group: int) -> Any:
+    """Where each array of a learner state goes: the estimator state's pair axis across
+    devices, everything else replicated; all on the first device when `pair_sharding`
+    gives None.
 
     Args:
-      state: a `LearnerState`.
+      state: a `LearnerState` of arrays or of `jax.ShapeDtypeStruct`s.
       pairs_per_group: the leading (pair) axis length of every estimator-state array.
 
     Returns:
-      The same state, placed; unchanged when `pair_sharding` gives None.
+      A tree of shardings with the structure of `state`.
     """
     shardings = pair_sharding(pairs_per_group)
     if shardings is None:
-        return state
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: one, state)
     split, replicated = shardings
 
-    def place(x, along_pairs: bool):
-        ok = along_pairs and getattr(x, "ndim", 0) >= 1 and x.shape[0] == pairs_per_group
-        return jax.device_put(x, split if ok else replicated)
+    def along_pairs(x):
+        return split if len(x.shape) >= 1 and x.shape[0] == pairs_per_group else replicated
 
-    est = jax.tree.map(lambda x: place(x, True), state.est_state)
-    rest = jax.tree.map(lambda x: place(x, False), state.replace(est_state=()))
+    est = jax.tree.map(along_pairs, state.est_state)
+    rest = jax.tree.map(lambda _: replicated, state.replace(est_state=()))
     return rest.replace(est_state=est)
+
+
+def shard_learner_state(state: Any, pairs_per_group: int) -> Any:
+    """The learner state placed as `learner_shardings` says."""
+    return jax.device_put(state, learner_shardings(state, pairs_per_group))
+
+
+def with_shardings(abstract: Any, pairs_per_group: int) -> Any:
+    """`jax.ShapeDtypeStruct`s that carry `learner_shardings`: restore targets, so a
+    checkpoint saved with another device count restores onto this process's devices."""
+    shardings = learner_shardings(abstract, pairs_per_group)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )

@@ -93,3 +93,23 @@ def test_device_count_is_fixed_once_jax_runs():
     assert len(jax.devices()) == before
     if before == 1:
         assert pair_sharding(8) is None  # one device holds everything
+
+
+def test_a_run_resumes_under_another_device_count(tmp_path):
+    # Checkpoints hold arrays placed on the devices of the process that saved them; a
+    # resume restores onto its own devices (2 -> 1 -> 2 here), never "topology mismatch".
+    from meta_train.main import main  # noqa: PLC0415
+
+    args = [*TINY, f"run.out_dir='{tmp_path}'", "run.checkpoint_every=2", "--no-eval"]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+
+    def two_devices(*extra):
+        cmd = [sys.executable, "-m", "meta_train.main", *args, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two_devices("meta.outer_steps=2")
+    assert main([*args, "--resume", "meta.outer_steps=4"]) == 0  # this process: one device
+    two_devices("--resume", "meta.outer_steps=6")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and all(np.isfinite(r["meta_loss"]) for r in rows)
