@@ -106,6 +106,46 @@ def _flops_per_inner_step(run) -> float:
     return float(cost["flops"])
 
 
+def conv_formulations(repeats: int = 50) -> list[dict]:
+    """Times a ConvNet training step (loss and gradient, batch 128) with `tasks.conv.conv2d`
+    (patches + one matmul) and with XLA's convolution, on MNIST- and CIFAR-shaped inputs."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from meta_train.jit import jit  # noqa: PLC0415
+    from tasks.conv import ConvNet, conv2d, xla_conv2d  # noqa: PLC0415
+
+    def step_ms(net, x) -> float:
+        params = net.init(jax.random.PRNGKey(1), x)
+
+        def loss(p):
+            return -jnp.mean(jax.nn.log_softmax(net.apply(p, x))[:, 0])
+
+        step = jit(jax.grad(loss))
+        jax.block_until_ready(step(params))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = step(params)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    rows = []
+    for shape in ((128, 28, 28, 1), (128, 32, 32, 3)):
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        ms = {
+            name: step_ms(ConvNet((16, 32), (3, 3), (2, 2), 10, conv=fn), x)
+            for name, fn in (("im2col", conv2d), ("xla", xla_conv2d))
+        }
+        rows.append(
+            {
+                "input": "x".join(map(str, shape)),
+                "im2col_ms": round(ms["im2col"], 2),
+                "xla_conv_ms": round(ms["xla"], 2),
+                "speedup": round(ms["xla"] / ms["im2col"], 1),
+            }
+        )
+    return rows
+
+
 REFERENCE_SCRIPT = (
     Path(__file__).resolve().parents[2] / "shared/reference/learned_optimization/run_baseline.py"
 )
@@ -239,6 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="Python of the reference's environment (setup.sh's VENV/bin/python)",
     )
     p.add_argument("--reference-script", default=str(REFERENCE_SCRIPT))
+    p.add_argument(
+        "--conv",
+        action="store_true",
+        help="time a ConvNet step with the im2col convolution and with XLA's convolution",
+    )
     p.add_argument("overrides", nargs="*", help="extra config overrides section.key=value")
     args = p.parse_args(argv)
     if args.compare:
@@ -266,6 +311,14 @@ def main(argv: list[str] | None = None) -> dict:
         # the first computation), so pinning here takes effect.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     use_cpu_cores()  # as the main job: one CPU device per core, pairs sharded
+    if args.conv:
+        rows = conv_formulations()
+        for r in rows:
+            print(
+                f"ConvNet 16-32 (3x3, stride 2) step on {r['input']}: im2col {r['im2col_ms']} ms, "
+                f"XLA conv {r['xla_conv_ms']} ms ({r['speedup']}x)"
+            )
+        return {"conv": rows}
 
     config = load_config(
         None, REFERENCE + [f"task_family.datasets=['{args.dataset}']"] + args.overrides
