@@ -51,3 +51,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+class KeyedFn:
+    """A callable compared and hashed by a key (e.g. its flax module): tasks of equal shapes
+    built separately are equal static arguments, so they share one compilation."""
+
+    def __init__(self, fn, key):
+        self.fn, self.key = fn, key
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, KeyedFn) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)

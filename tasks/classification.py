@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tasks.base import accuracy, cross_entropy
+from tasks.base import KeyedFn, accuracy, cross_entropy
 from tasks.device_data import DeviceData
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -156,8 +156,8 @@ def mlp_task(
     return ClassificationTask(
         data=data,
         hp=TaskHParams.default() if hp is None else hp,
-        init_fn=_Named(init_fn, ("mlp-init", module)),
-        apply_fn=_Named(apply_fn, ("mlp-apply", module)),
+        init_fn=KeyedFn(init_fn, ("mlp-init", module)),
+        apply_fn=KeyedFn(apply_fn, ("mlp-apply", module)),
         batch_size=batch_size,
         num_classes=num_classes,
     )
@@ -176,24 +176,8 @@ def haiku_task(transformed, data: DeviceData, num_classes: int, *, batch_size: i
     return ClassificationTask(
         data=data,
         hp=TaskHParams.default(),
-        init_fn=_Named(init_fn, ("haiku-init", id(transformed))),
-        apply_fn=_Named(apply_fn, ("haiku-apply", id(transformed))),
+        init_fn=KeyedFn(init_fn, ("haiku-init", id(transformed))),
+        apply_fn=KeyedFn(apply_fn, ("haiku-apply", id(transformed))),
         batch_size=batch_size,
         num_classes=num_classes,
     )
-
-
-class _Named:
-    """A callable compared by a key, so equal task shapes hash equal and share a compile."""
-
-    def __init__(self, fn, key):
-        self.fn, self.key = fn, key
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def __eq__(self, other):
-        return isinstance(other, _Named) and self.key == other.key
-
-    def __hash__(self):
-        return hash(self.key)
