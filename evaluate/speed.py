@@ -146,6 +146,98 @@ def conv_formulations(repeats: int = 50) -> list[dict]:
     return rows
 
 
+def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
+    """Inner steps per second of each task kind at a stated reference size, with the
+    learned optimizer (untrained, the default per-parameter MLP) and with Adam.
+
+    One inner step is the task's loss gradient on a sampled batch plus the optimizer update,
+    run as a jitted `lax.scan` of `steps` steps (one unroll, no estimator). Images are random
+    (speed does not depend on pixel values); text is the offline `pydoc` corpus.
+    """
+    import optax  # noqa: PLC0415
+
+    from lopt.export import as_optax  # noqa: PLC0415
+    from lopt.mlp_lopt import MLPLOpt  # noqa: PLC0415
+    from meta_train.jit import jit  # noqa: PLC0415
+    from tasks.base import KeyedFn  # noqa: PLC0415
+    from tasks.classification import ClassificationTask, TaskHParams, mlp_task  # noqa: PLC0415
+    from tasks.conv import ConvNet  # noqa: PLC0415
+    from tasks.device_data import to_device  # noqa: PLC0415
+    from tasks.language import lm_task  # noqa: PLC0415
+    from tasks.text import load_text  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+
+    def images(shape):
+        def split(n):
+            return rng.standard_normal((n, *shape)).astype(np.float32), rng.integers(0, 10, n)
+
+        return to_device([{"train": split(2048), "valid": split(256), "test": split(256)}])
+
+    convnet = ConvNet((16, 32), (3, 3), (2, 2), 10)
+    conv_task = ClassificationTask(
+        data=images((28, 28, 1)),
+        hp=TaskHParams.default(),
+        init_fn=KeyedFn(lambda k, x: convnet.init(k, x)["params"], ("speed-conv", convnet)),
+        apply_fn=KeyedFn(
+            lambda p, x, hp: convnet.apply({"params": p}, x), ("speed-conv-apply", convnet)
+        ),
+        batch_size=128,
+    )
+    text = load_text("pydoc")
+    kinds = [
+        ("MLP 784-128-128-10, batch 128", mlp_task(images((28, 28, 1)), [128, 128], 10)),
+        ("ConvNet 16-32 (3x3, stride 2), 28x28x1, batch 128", conv_task),
+        ("LSTM LM 128 hidden, seq 64, batch 32", lm_task(text, "lstm", hidden=128)),
+        (
+            "Transformer LM 2x128, seq 64, batch 32",
+            lm_task(text, "transformer", hidden=128, layers=2),
+        ),
+    ]
+    lopt = MLPLOpt()
+    learned = as_optax(lopt, lopt.init_meta(jax.random.PRNGKey(0)), steps)
+    adam = optax.adam(1e-3)
+
+    def rate(task, tx) -> float:
+        @jit
+        def run(task, key):
+            params = task.init(key)
+
+            def body(carry, k):
+                p, s = carry
+                loss, g = jax.value_and_grad(task.loss)(p, task.sample_batch(k))
+                u, s = tx.update(g, s, p, loss=loss)
+                return (optax.apply_updates(p, u), s), loss
+
+            _, losses = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(key, steps))
+            return losses
+
+        jax.block_until_ready(run(task, jax.random.PRNGKey(0)))
+        best = float("inf")
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(task, jax.random.PRNGKey(r + 1)))
+            best = min(best, time.perf_counter() - t0)
+        return steps / best
+
+    rows = []
+    for name, task in kinds:
+        n_params = sum(
+            x.size for x in jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+        )
+        r_learned, r_adam = rate(task, learned), rate(task, adam)
+        rows.append(
+            {
+                "kind": name,
+                "parameters": int(n_params),
+                "learned_steps_per_s": round(r_learned, 1),
+                "adam_steps_per_s": round(r_adam, 1),
+                "learned_step_cost_vs_adam": round(r_adam / r_learned, 2),
+            }
+        )
+    return rows
+
+
 REFERENCE_SCRIPT = (
     Path(__file__).resolve().parents[2] / "shared/reference/learned_optimization/run_baseline.py"
 )
@@ -280,6 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--reference-script", default=str(REFERENCE_SCRIPT))
     p.add_argument(
+        "--kinds",
+        action="store_true",
+        help="inner steps per second per task kind, learned optimizer vs Adam",
+    )
+    p.add_argument(
         "--conv",
         action="store_true",
         help="time a ConvNet step with the im2col convolution and with XLA's convolution",
@@ -311,6 +408,16 @@ def main(argv: list[str] | None = None) -> dict:
         # the first computation), so pinning here takes effect.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     use_cpu_cores()  # as the main job: one CPU device per core, pairs sharded
+    if args.kinds:
+        rows = task_kinds()
+        print("| task kind | parameters | learned opt. steps/s | Adam steps/s | cost vs Adam |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['kind']} | {r['parameters']:,} | {r['learned_steps_per_s']:,} "
+                f"| {r['adam_steps_per_s']:,} | {r['learned_step_cost_vs_adam']}x |"
+            )
+        return {"kinds": rows}
     if args.conv:
         rows = conv_formulations()
         for r in rows:
