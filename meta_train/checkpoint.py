@@ -271,15 +271,18 @@ def _check_finite_theta(theta: Any, where: str) -> None:
         )
 
 
-def _with_earlier_steps(mgr: ocp.CheckpointManager, step: int, where: str, e: CheckpointError):
-    """`e` with the steps before `step` as the last line: what the user can fall back on."""
+def _raise_with_earlier_steps(
+    mgr: ocp.CheckpointManager, step: int, where: str, e: CheckpointError
+):
+    """Re-raises `e` with the steps before `step` as its last line: what the user can fall
+    back on (unchanged when there are none). Call it from the `except` block."""
     earlier = sorted(s for s in mgr.all_steps() if s < step)
     if not earlier:
-        return e
-    return type(e)(
+        raise e
+    raise type(e)(
         f"{e}\nEarlier steps on disk: {earlier}; restore one with step=... (python -m "
         f"evaluate --step), or move {where} aside to resume from step {earlier[-1]}."
-    )
+    ) from e
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -507,10 +510,7 @@ class Checkpointer:
             _check_finite_theta(out.theta, where)
         except (CorruptCheckpointError, NonFiniteThetaError) as e:
             # No silent fallback: resuming from an older step must be the user's choice.
-            hinted = _with_earlier_steps(self._mgr, step, where, e)
-            if hinted is e:
-                raise
-            raise hinted from e
+            _raise_with_earlier_steps(self._mgr, step, where, e)
         return out.theta, out.state, out.config
 
     def read_config(self, step: int | None = None) -> dict:
@@ -528,10 +528,7 @@ class Checkpointer:
             if not isinstance(config, dict):
                 raise CorruptCheckpointError(f"checkpoint {where} has an invalid config")
         except CorruptCheckpointError as e:
-            hinted = _with_earlier_steps(self._mgr, step, where, e)
-            if hinted is e:
-                raise
-            raise hinted from e
+            _raise_with_earlier_steps(self._mgr, step, where, e)
         return config
 
     def close(self) -> None:
@@ -586,10 +583,7 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
                 raise CorruptCheckpointError(f"checkpoint {where} has an invalid config")
             _check_finite_theta(out.theta, where)
         except (CorruptCheckpointError, NonFiniteThetaError) as e:
-            hinted = _with_earlier_steps(mgr, step, where, e)
-            if hinted is e:
-                raise
-            raise hinted from e
+            _raise_with_earlier_steps(mgr, step, where, e)
         return out.theta, out.config
     finally:
         mgr.close()
