@@ -21,13 +21,38 @@ import jax.numpy as jnp
 from flax import struct
 
 
-class Reparameterised(struct.PyTreeNode):
+class _Augmented(struct.PyTreeNode):
+    """A task seen through an augmentation: everything passes through to `task` unless a
+    subclass changes it."""
+
+    task: Any
+
+    def init(self, key: jax.Array) -> Any:
+        return self.task.init(key)
+
+    def loss(self, params: Any, batch) -> jax.Array:
+        return self.task.loss(params, batch)
+
+    def sample_batch(self, key: jax.Array, split: str = "train"):
+        return self.task.sample_batch(key, split)
+
+    def metrics(self, params: Any, batch) -> dict[str, jax.Array]:
+        return self.task.metrics(params, batch)
+
+    def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
+        return self.task.full_split_metrics(params, split)
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes
+
+
+class Reparameterised(_Augmented):
     """Trains w = p / c per tensor; `scales` holds one c per parameter leaf.
 
     Build with `Reparameterised.sample(task, key, low, high)` for log-uniform scales.
     """
 
-    task: Any
     scales: Any  # a pytree like the task's params, one scalar per leaf
 
     @classmethod
@@ -47,58 +72,27 @@ class Reparameterised(struct.PyTreeNode):
     def loss(self, w: Any, batch) -> jax.Array:
         return self.task.loss(self.to_task_params(w), batch)
 
-    def sample_batch(self, key: jax.Array, split: str = "train"):
-        return self.task.sample_batch(key, split)
-
     def metrics(self, w: Any, batch) -> dict[str, jax.Array]:
         return self.task.metrics(self.to_task_params(w), batch)
 
     def full_split_metrics(self, w: Any, split: str) -> dict[str, jax.Array]:
         return self.task.full_split_metrics(self.to_task_params(w), split)
 
-    @property
-    def num_classes(self) -> int:
-        return self.task.num_classes
 
-
-class LossScaled(struct.PyTreeNode):
+class LossScaled(_Augmented):
     """The training loss times `scale` (reported metrics are unscaled)."""
 
-    task: Any
     scale: jax.Array
-
-    def init(self, key: jax.Array) -> Any:
-        return self.task.init(key)
 
     def loss(self, params: Any, batch) -> jax.Array:
         return self.scale * self.task.loss(params, batch)
 
-    def sample_batch(self, key: jax.Array, split: str = "train"):
-        return self.task.sample_batch(key, split)
 
-    def metrics(self, params: Any, batch) -> dict[str, jax.Array]:
-        return self.task.metrics(params, batch)
-
-    def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
-        return self.task.full_split_metrics(params, split)
-
-    @property
-    def num_classes(self) -> int:
-        return self.task.num_classes
-
-
-class LabelNoise(struct.PyTreeNode):
+class LabelNoise(_Augmented):
     """Each training label is replaced, with probability `fraction`, by a uniform random
     label (validation and test batches are untouched)."""
 
-    task: Any
     fraction: jax.Array
-
-    def init(self, key: jax.Array) -> Any:
-        return self.task.init(key)
-
-    def loss(self, params: Any, batch) -> jax.Array:
-        return self.task.loss(params, batch)
 
     def sample_batch(self, key: jax.Array, split: str = "train"):
         k_batch, k_flip, k_label = jax.random.split(key, 3)
@@ -108,13 +102,3 @@ class LabelNoise(struct.PyTreeNode):
         flip = jax.random.uniform(k_flip, y.shape) < self.fraction
         noise = jax.random.randint(k_label, y.shape, 0, self.task.num_classes, y.dtype)
         return x, jnp.where(flip, noise, y)
-
-    def metrics(self, params: Any, batch) -> dict[str, jax.Array]:
-        return self.task.metrics(params, batch)
-
-    def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
-        return self.task.full_split_metrics(params, split)
-
-    @property
-    def num_classes(self) -> int:
-        return self.task.num_classes
