@@ -95,8 +95,9 @@ def _restore(run: Run, ckpt: Checkpointer, step: int):
     """Restores a learner state after checking the saved config is compatible."""
     check_compatible(ckpt.read_config(step), run.config.to_dict())
     abstract = run.abstract_state()
+    # The abstract state carries this process's placement: arrays restore already sharded.
     theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
-    return run.place(rest.replace(theta=theta))
+    return rest.replace(theta=theta)
 
 
 def meta_train(run: Run, *, resume: Resume = False, stream=None):
