@@ -54,6 +54,15 @@ _FINAL_KEYS = (
     "final_test_loss",
     "final_test_accuracy",
 )
+# Reported only by tasks whose `full_split_metrics` returns them (language models).
+_OPTIONAL_KEYS = (
+    "final_train_bits_per_byte",
+    "final_valid_bits_per_byte",
+    "final_test_bits_per_byte",
+)
+# Per task kind, the table's last column where classification shows test accuracy.
+_KIND_COLUMN = {"lm": ("final_test_bits_per_byte", "test bits/byte")}
+DEFAULT_KIND = "mlp"  # families written before task kinds existed sample MLPs
 ADAM = "adam"
 # Adam with its learning rate chosen on final training loss: the fair baseline when a
 # learned optimizer was meta-trained on training loss.
@@ -75,6 +84,28 @@ def eval_steps(num_steps: int, eval_every: int) -> list[int]:
     if steps[-1] != num_steps:
         steps.append(num_steps)
     return steps
+
+
+def task_kind(info: dict[str, Any]) -> str:
+    """The kind of a task ('mlp', 'conv', 'lm', ...) from its family's info dict.
+
+    Args:
+      info: the info of `sample_with_info`; a missing 'kind' means 'mlp'.
+
+    Returns:
+      The kind's name.
+    """
+    return str(info.get("kind", DEFAULT_KIND))
+
+
+def _columns(kind: str) -> tuple[tuple[str, str], ...]:
+    """The table's (key, column name) pairs for tasks of `kind`."""
+    return (*_COLUMNS[:-1], _KIND_COLUMN.get(kind, _COLUMNS[-1]))
+
+
+def _final_keys(run: dict) -> tuple[str, ...]:
+    """The final-metric keys a run's dict holds: the common ones, then optional ones."""
+    return (*_FINAL_KEYS, *(k for k in _OPTIONAL_KEYS if k in run))
 
 
 def _period(num_steps: int, eval_every: int) -> int:
@@ -120,13 +151,15 @@ def _train(task: Any, tx: Any, num_steps: int, key: PRNGKey, eval_every: int) ->
         m = task.full_split_metrics(params, split)
         out[f"final_{split}_loss"] = m["loss"]
         out[f"final_{split}_accuracy"] = m["accuracy"]
+        if "bits_per_byte" in m:  # known while tracing: the task is a static structure
+            out[f"final_{split}_bits_per_byte"] = m["bits_per_byte"]
     if rest:
         valid.append(out["final_valid_loss"][None])
     out["train_curve"] = jnp.concatenate(losses)
     out["valid_curve"] = jnp.concatenate(valid)
     out["mean_train_loss"] = jnp.mean(out["train_curve"])
     finite = jnp.all(jnp.isfinite(out["train_curve"])) & jnp.all(jnp.isfinite(out["valid_curve"]))
-    for k in _FINAL_KEYS:
+    for k in _final_keys(out):
         finite &= jnp.isfinite(out[k])
     out["diverged"] = ~finite
     return out
@@ -156,7 +189,8 @@ def train(
     Returns:
       `train_curve` [num_steps] minibatch training loss of every step (before its update);
       `valid_curve` full-split validation loss at `eval_steps(num_steps, eval_every)`;
-      `final_{train,valid,test}_{loss,accuracy}` over whole splits after training;
+      `final_{train,valid,test}_{loss,accuracy}` over whole splits after training, and
+      `final_{train,valid,test}_bits_per_byte` when the task reports bits per byte;
       `diverged` (bool): some recorded loss or final metric is not finite.
     """
     return _train(task, tx, num_steps, key, eval_every)
@@ -282,8 +316,10 @@ def run_suite(
     Returns:
       A JSON-friendly dict: `config`, `eval_steps`, `optimizers` (names, learned first, then
       'adam'), `labels` (table row names), `summary` (per optimizer: mean/std over tasks ×
-      seeds of every final metric, diverged count), `tasks` (per task: info, per optimizer
-      per-seed numbers and curves, Adam's whole grid), and `table` (markdown).
+      seeds of every final metric, diverged count), `summary_by_kind` (kind -> the same over
+      that kind's tasks only: losses of different kinds are in different units), `tasks`
+      (per task: info, per optimizer per-seed numbers and curves, Adam's whole grid), and
+      `table` (markdown; one table per kind when the tasks mix kinds).
     """
     for reserved in (ADAM, ADAM_TRAIN):
         if reserved in learned:
@@ -336,7 +372,7 @@ def _num(x: Any) -> float | None:
 
 
 def _seed_table(run: dict) -> dict[str, Any]:
-    out = {k: _lst(run[k]) for k in _FINAL_KEYS}
+    out = {k: _lst(run[k]) for k in _final_keys(run)}
     out["diverged"] = _lst(run["diverged"])
     out["train_curve"] = _lst(run["train_curve"])
     out["valid_curve"] = _lst(run["valid_curve"])
@@ -351,8 +387,10 @@ def _stats(values: np.ndarray) -> dict[str, Any]:
 
 
 def _summary(runs: Sequence[dict]) -> dict[str, Any]:
-    """Mean ± std over every (task, seed) of `runs` (each with a leading seed axis)."""
-    out = {k: _stats(np.concatenate([np.ravel(r[k]) for r in runs])) for k in _FINAL_KEYS}
+    """Mean ± std over every (task, seed) of `runs` (each with a leading seed axis) of each
+    final metric every run reports."""
+    keys = [k for k in _final_keys(runs[0]) if all(k in r for r in runs)]
+    out = {k: _stats(np.concatenate([np.ravel(r[k]) for r in runs])) for k in keys}
     div = np.concatenate([np.ravel(r["diverged"]) for r in runs])
     out["diverged"] = int(div.sum())
     out["runs"] = int(div.size)
@@ -361,6 +399,25 @@ def _summary(runs: Sequence[dict]) -> dict[str, Any]:
 
 def _fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def _summaries(raw: Sequence[tuple[dict, dict]], learned_names: list[str]) -> dict[str, Any]:
+    """Optimizer -> `_summary` over the tasks of `raw` (Adam: its chosen grid entries)."""
+    out = {n: _summary([r[n] for r, _ in raw]) for n in learned_names}
+    out[ADAM] = _summary([r[ADAM]["best"] for r, _ in raw])
+    out[ADAM_TRAIN] = _summary([r[ADAM]["best_train"] for r, _ in raw])
+    return out
+
+
+def _labels(learned_names: list[str], per_task: Sequence[dict]) -> dict[str, str]:
+    """Table row names; Adam is tuned per task, so its rows name every rate chosen among
+    `per_task` (once if they agree)."""
+    labels = {n: n for n in learned_names}
+    for name, text in ((ADAM, "tuned"), (ADAM_TRAIN, "tuned on train loss")):
+        chosen = [t["optimizers"][name]["lr"] for t in per_task]
+        uniq = list(dict.fromkeys(_fmt_lr(lr) for lr in chosen))
+        labels[name] = f"adam ({text}, lr={', '.join(uniq)})"
+    return labels
 
 
 def _assemble(tasks, raw, learned_names, config: EvalConfig, num_steps: int) -> dict[str, Any]:
@@ -403,17 +460,14 @@ def _assemble(tasks, raw, learned_names, config: EvalConfig, num_steps: int) -> 
         }
         per_task.append(entry)
 
-    summary = {n: _summary([r[n] for r, _ in raw]) for n in learned_names}
-    summary[ADAM] = _summary([r[ADAM]["best"] for r, _ in raw])
-    summary[ADAM_TRAIN] = _summary([r[ADAM]["best_train"] for r, _ in raw])
+    summary = _summaries(raw, learned_names)
+    kinds = [task_kind(info) for _, info in tasks]
+    summary_by_kind = {
+        kind: _summaries([r for r, k in zip(raw, kinds, strict=True) if k == kind], learned_names)
+        for kind in dict.fromkeys(kinds)  # in order of first appearance
+    }
     chosen = [t["optimizers"][ADAM]["lr"] for t in per_task]
-    # Adam is tuned per task; the row names every chosen rate (once if they agree).
-    uniq = list(dict.fromkeys(_fmt_lr(lr) for lr in chosen))
-    labels = {n: n for n in learned_names}
-    labels[ADAM] = f"adam (tuned, lr={', '.join(uniq)})"
-    chosen_train = [t["optimizers"][ADAM_TRAIN]["lr"] for t in per_task]
-    uniq_train = list(dict.fromkeys(_fmt_lr(lr) for lr in chosen_train))
-    labels[ADAM_TRAIN] = f"adam (tuned on train loss, lr={', '.join(uniq_train)})"
+    labels = _labels(learned_names, per_task)
     warns = [
         f"task {i}: Adam's chosen lr {t['optimizers'][ADAM]['lr']:g} is at the edge of the grid"
         for i, t in enumerate(per_task)
@@ -438,6 +492,7 @@ def _assemble(tasks, raw, learned_names, config: EvalConfig, num_steps: int) -> 
         "labels": labels,
         "adam_lrs_chosen": chosen,
         "summary": summary,
+        "summary_by_kind": summary_by_kind,
         "tasks": per_task,
         "note": "non-finite numbers are written as null; 'diverged' flags those runs",
     }
@@ -450,17 +505,24 @@ def _cell(stat: dict[str, Any]) -> str:
     return f"{m:.4f} ± {s:.4f}"
 
 
-def _markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    head = ["optimizer", *(c for _, c in _COLUMNS), "diverged"]
+def _markdown(
+    rows: list[tuple[str, dict[str, Any]]], columns: Sequence[tuple[str, str]] = _COLUMNS
+) -> str:
+    head = ["optimizer", *(c for _, c in columns), "diverged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label, summ in rows:
-        cells = [_cell(summ[k]) for k, _ in _COLUMNS] + [f"{summ['diverged']}/{summ['runs']}"]
+        cells = [_cell(summ[k]) if k in summ else "n/a" for k, _ in columns]
+        cells.append(f"{summ['diverged']}/{summ['runs']}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def format_table(results: dict[str, Any], per_task: bool = False) -> str:
     """Markdown table of mean ± std over tasks × seeds, one row per optimizer.
+
+    Tasks of one kind give one table. Tasks of several kinds (losses in different units)
+    give one table per kind, each under a heading "### kind: K (N tasks)". Language-model
+    tables show test bits per byte where classification tables show test accuracy.
 
     Args:
       results: the dict `run_suite` returns (or its results.json, loaded).
@@ -470,7 +532,23 @@ def format_table(results: dict[str, Any], per_task: bool = False) -> str:
       The markdown text.
     """
     names, labels = results["optimizers"], results["labels"]
-    text = _markdown([(labels[n], results["summary"][n]) for n in names])
+    by_kind = results.get("summary_by_kind") or {}  # absent from older results.json
+    tasks = results.get("tasks", [])
+    learned = [n for n in names if n not in (ADAM, ADAM_TRAIN)]
+    if len(by_kind) > 1:
+        parts = []
+        for kind, summ in by_kind.items():
+            mine = [t for t in tasks if task_kind(t["info"]) == kind]
+            kind_labels = _labels(learned, mine) if mine else labels
+            n = len(mine)
+            parts.append(
+                f"### kind: {kind} ({n} task{'' if n == 1 else 's'})\n\n"
+                + _markdown([(kind_labels[o], summ[o]) for o in names], _columns(kind))
+            )
+        text = "\n".join(parts)
+    else:
+        kind = next(iter(by_kind), DEFAULT_KIND)
+        text = _markdown([(labels[n], results["summary"][n]) for n in names], _columns(kind))
     if per_task:
         for i, t in enumerate(results["tasks"]):
             rows = []
@@ -481,7 +559,8 @@ def format_table(results: dict[str, Any], per_task: bool = False) -> str:
                     ADAM_TRAIN: f"adam (tuned on train loss, lr={_fmt_lr(opt.get('lr', 0))})",
                 }.get(n, n)
                 rows.append((label, opt["summary"]))
-            text += f"\n### Task {i}: {json.dumps(t['info'], sort_keys=True)}\n\n" + _markdown(rows)
+            head = f"\n### Task {i}: {json.dumps(t['info'], sort_keys=True)}\n\n"
+            text += head + _markdown(rows, _columns(task_kind(t["info"])))
     return text
 
 
@@ -500,11 +579,13 @@ def write_outputs(results: dict[str, Any], out_dir: str) -> None:
         f"# Evaluation: {cfg['num_tasks']} held-out tasks × {cfg['num_seeds']} seeds, "
         f"{cfg['num_steps']} steps\n\n"
         "Mean ± std over tasks × seeds of full-split metrics after training (train, valid, "
-        "test loss and test accuracy) and of the mean minibatch training loss over the run. "
-        "Adam's learning "
+        "test loss and test accuracy, or test bits per byte for language models) and of the "
+        "mean minibatch training loss over the run. Adam's learning "
         f"rate is tuned per task over {cfg['adam_lrs']} on mean final validation loss; the "
         "'tuned on train loss' row picks it on final training loss instead.\n\n"
     )
+    if len(results.get("summary_by_kind") or {}) > 1:
+        md += "Tasks of different kinds are summarised in separate tables (losses differ).\n\n"
     if results.get("warnings"):
         md += "".join(f"> warning: {w}\n" for w in results["warnings"]) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -571,7 +652,7 @@ def _plot_task(ax, t: dict, i: int, names: list[str], steps: np.ndarray, window:
     if positive:  # cross-entropy spans decades over training
         ax.set_yscale("log")
     info = t["info"]
-    title = ", ".join(f"{k}={info[k]}" for k in ("dataset", "activation") if k in info)
+    title = ", ".join(f"{k}={info[k]}" for k in ("kind", "dataset", "activation") if k in info)
     ax.set_title(f"task {i}" + (f": {title}" if title else ""), fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -3,53 +3,138 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
+import jax.numpy as jnp
 
 from lopt.base import LearnedOptimizer
 from lopt.registry import make_lopt
 from meta_train.config import Config
-from meta_train.devices import shard_learner_state, with_shardings
+from meta_train.devices import estimator_shardings, shard_learner_state, with_shardings
 from meta_train.estimators import WindowObjective, make_estimator
-from meta_train.learner import init_learner, outer_optimizer
+from meta_train.groups import TemplateSchedule
+from meta_train.jit import jit
+from meta_train.learner import LearnerState, grouped_outer_step, init_learner, outer_optimizer
+from meta_train.learner import outer_step as fused_outer_step
 from meta_train.lopt_problem import LOptProblem
 from meta_train.unroll import EpisodeSchedule
-from tasks.family import MLPTaskFamily
+from tasks.family import TaskFamily
 
 # Independent random streams of a run: tasks seen in meta-training never reuse the keys of
 # the held-out evaluation tasks.
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
+# Sub-stream of TRAIN_STREAM for groups' fresh particles after a template switch.
+_SWITCH_STREAM = 2
 
 
-@dataclasses.dataclass
+@jit()
+def _init_group(estimator, theta, key: jax.Array, group: jax.Array):
+    """Fresh particles of one group (a one-group estimator): compiled once per template."""
+    return estimator.init(key, theta, group)
+
+
+@dataclasses.dataclass(eq=False)
 class Run:
-    """The pieces of a meta-training run."""
+    """The pieces of a meta-training run.
+
+    Attributes:
+      config: the validated config.
+      family: the task family (its templates).
+      lopt: the learned optimizer.
+      estimator: the estimator over the groups' templates at the start of the run.
+      outer_opt: the outer optimizer.
+      schedule: which template each group holds at every outer step.
+    """
 
     config: Config
-    family: MLPTaskFamily
+    family: TaskFamily
     lopt: LearnedOptimizer
     estimator: object
     outer_opt: object
-    templates: list[int]
+    schedule: TemplateSchedule
+    _problems: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def init_state(self):
+    @property
+    def templates(self) -> list[int]:
+        """The groups' templates at the start of the run."""
+        return list(self.schedule.templates_at(0))
+
+    @property
+    def switching(self) -> bool:
+        return self.config.meta.switch_every > 0
+
+    def _key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), TRAIN_STREAM)
+
+    def problem(self, template: int) -> LOptProblem:
+        """Training tasks of `template` with the learned optimizer (built once)."""
+        if template not in self._problems:
+            t = self.family.templates[template]
+            self._problems[template] = LOptProblem(
+                t.task, self.lopt, t.sampler, self.config.meta.loss_clip
+            )
+        return self._problems[template]
+
+    def group_estimator(self, template: int):
+        """A one-group estimator of `template` (equal templates give equal estimators)."""
+        return self.estimator.replace(problems=(self.problem(template),))
+
+    def estimator_for(self, templates) -> object:
+        """The estimator over groups of these templates."""
+        return self.estimator.replace(problems=tuple(self.problem(t) for t in templates))
+
+    def init_state(self) -> LearnerState:
         """The initial learner state, particles sharded across devices."""
         return self.place(self._initial_state())
 
-    def _initial_state(self):
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), TRAIN_STREAM)
-        k_theta, k_learner = jax.random.split(key)
+    def _initial_state(self, templates=None) -> LearnerState:
+        k_theta, k_learner = jax.random.split(self._key())
         theta = self.lopt.init_meta(k_theta)
-        return init_learner(self.estimator, theta, self.outer_opt, k_learner)
+        est = self.estimator if templates is None else self.estimator_for(templates)
+        return init_learner(est, theta, self.outer_opt, k_learner)
 
-    def abstract_state(self):
-        """Shapes, dtypes and placement of the learner state (restore targets)."""
-        return with_shardings(jax.eval_shape(self._initial_state), self._pairs_per_group)
+    def abstract_state(self, done: int = 0) -> LearnerState:
+        """Shapes, dtypes and placement of the learner state after `done` outer steps
+        (restore targets: the groups' templates then decide the particles' shapes)."""
+        templates = self.schedule.held_at(done)
+        abstract = jax.eval_shape(lambda: self._initial_state(templates))
+        return with_shardings(abstract, self._pairs_per_group)
 
     def place(self, state):
         """The learner state with its pairs sharded across devices (`meta_train.devices`)."""
         return shard_learner_state(state, self._pairs_per_group)
+
+    def outer_step(self, state: LearnerState, step: int) -> tuple[LearnerState, dict]:
+        """Outer step number `step` (0-based; `state.step` on the device, passed in so no
+        step waits for the device) from `state` (consumed): switches a group's template first
+        when the schedule says so, then estimates and applies the meta-gradient."""
+        if not self.switching:
+            return fused_outer_step(self.estimator, state, self.outer_opt)
+        templates = self.schedule.templates_at(step)
+        g = self.schedule.switching_group(step)
+        if g is not None:
+            state = self._switch(state, g, templates[g], step)
+        estimators = [self.group_estimator(t) for t in templates]
+        return grouped_outer_step(estimators, state, self.outer_opt)
+
+    def _switch(self, state: LearnerState, group: int, template: int, step: int):
+        key = jax.random.fold_in(jax.random.fold_in(self._key(), _SWITCH_STREAM), step)
+        fresh = _init_group(self.group_estimator(template), state.theta, key, jnp.int32(group))
+        fresh = jax.device_put(fresh, estimator_shardings(fresh, self._pairs_per_group))
+        groups = [state.est_state.group(g) for g in range(self.config.meta.task_groups)]
+        groups[group] = fresh
+        return state.replace(est_state=type(fresh).join(groups))
+
+    def compile_counts(self) -> dict[str, int]:
+        """Compilations (jit cache entries) of the functions a run calls per step."""
+        from meta_train.learner import apply_estimates, estimate_group  # noqa: PLC0415
+
+        return {
+            "outer_step": fused_outer_step._cache_size(),
+            "estimate_group": estimate_group._cache_size(),
+            "init_group": _init_group._cache_size(),
+            "apply_estimates": apply_estimates._cache_size(),
+        }
 
     @property
     def _pairs_per_group(self) -> int:
@@ -64,32 +149,27 @@ def build_lopt(config: Config) -> LearnedOptimizer:
     return make_lopt(kwargs.pop("kind"), **kwargs)
 
 
-def build_run(config: Config, family: MLPTaskFamily | None = None) -> Run:
+def build_run(config: Config, family: TaskFamily | None = None) -> Run:
     """Builds a run from a validated config (loads datasets)."""
-    family = family or MLPTaskFamily(config.task_family)
+    family = family or TaskFamily(config.task_family)
     lopt = build_lopt(config)
     m = config.meta
-    key = jax.random.fold_in(jax.random.PRNGKey(config.run.seed), TRAIN_STREAM)
-    templates = [
-        family.sample_template(jax.random.fold_in(key, 1000 + g)) for g in range(m.task_groups)
-    ]
-    problems = tuple(
-        LOptProblem(
-            family.templates[t],
-            lopt,
-            family.hparam_sampler(t),
-            m.loss_clip * math.log(family.templates[t].num_classes),
-        )
-        for t in templates
+    schedule = TemplateSchedule(
+        family.num_templates, m.task_groups, m.switch_every, config.run.seed
     )
-    schedule = EpisodeSchedule(m.window, m.min_episode_len, m.max_episode_len)
+    problems = tuple(
+        LOptProblem(family.templates[t].task, lopt, family.templates[t].sampler, m.loss_clip)
+        for t in schedule.templates_at(0)
+    )
+    episodes = EpisodeSchedule(m.window, m.min_episode_len, m.max_episode_len)
     estimator = make_estimator(
         m.estimator,
         problems,
-        schedule,
+        episodes,
         pairs_per_group=m.num_pairs // m.task_groups,
         sigma=m.sigma,
         objective=WindowObjective(m.objective, m.sign_diff, m.diff_clip),
         stagger=m.stagger,
     )
-    return Run(config, family, lopt, estimator, outer_optimizer(m.outer_lr, m.grad_clip), templates)
+    outer_opt = outer_optimizer(m.outer_lr, m.grad_clip)
+    return Run(config, family, lopt, estimator, outer_opt, schedule)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.family import MLPFamilyConfig
+from tasks.family import FamilyConfig
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,12 @@ SEED = Rule(
 )
 
 
+RANGE_OR_OFF = Rule(
+    "[] (off) or [low, high] with 0 < low <= high, both finite",
+    lambda v: len(v) == 0 or (len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1]),
+)
+
+
 def _estimators() -> Sequence[str]:
     from meta_train.estimators import ESTIMATORS  # noqa: PLC0415 - jax-heavy
 
@@ -146,6 +152,18 @@ def _datasets() -> Sequence[str]:
     return DATASETS
 
 
+def _kinds() -> Sequence[str]:
+    from tasks.family import KINDS  # noqa: PLC0415
+
+    return KINDS
+
+
+def _lm_models() -> Sequence[str]:
+    from tasks.language import MODELS  # noqa: PLC0415 - flax-heavy
+
+    return MODELS
+
+
 def _activations() -> Sequence[str]:
     from tasks.classification import ACTIVATIONS  # noqa: PLC0415
 
@@ -164,6 +182,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "log_every": int_at_least(1),
     },
     "task_family": {
+        "kinds": Items(OneOf(_kinds)),
         "datasets": Items(OneOf(_datasets)),
         "hidden_sizes": Items(
             Items(int_at_least(1), non_empty=False),  # [] is a linear classifier
@@ -175,6 +194,27 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
             "[low, high] with 0 < low <= high, both finite",
             lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1],
         ),
+        "conv_datasets": Items(OneOf(_datasets)),
+        "conv_channels": Items(
+            Items(int_at_least(1)),
+            allowed="a non-empty list of channel lists like [[16, 32], [32, 32, 64]]",
+        ),
+        "conv_strides": Items(
+            Items(int_at_least(1)),
+            allowed="a non-empty list of stride lists, one per conv_channels entry",
+        ),
+        "conv_kernel_sizes": Items(int_at_least(1)),
+        "conv_batch_sizes": Items(int_at_least(1)),
+        "lm_corpora": Items(NON_EMPTY_STR),
+        "lm_models": Items(OneOf(_lm_models)),
+        "lm_hidden": Items(int_at_least(1)),
+        "lm_layers": Items(int_at_least(1)),
+        "lm_seq_lens": Items(int_at_least(2)),
+        "lm_batch_sizes": Items(int_at_least(1)),
+        "lm_heads": int_at_least(1),
+        "reparam_scale": RANGE_OR_OFF,
+        "loss_scale": RANGE_OR_OFF,
+        "label_noise": Rule("a fraction in [0, 1] (0: off)", lambda v: _finite(v) and 0 <= v <= 1),
         "resolution": int_at_least(0, " (0 keeps the images' size)"),
         "grayscale": BOOL,
         "data_dir": ANY_STR,  # "" uses LOPT_DATA_DIR and the default places
@@ -201,6 +241,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "grad_clip": POSITIVE,
         "loss_clip": POSITIVE,
         "task_groups": int_at_least(1),
+        "switch_every": int_at_least(0, " (0: groups keep their template)"),
         "objective": OneOf(_objectives),
         "stagger": OneOf(_staggers),
         "sign_diff": BOOL,
@@ -292,9 +333,14 @@ class MetaConfig:
       outer_steps: outer (meta) steps.
       outer_lr: learning rate of the outer Adam.
       grad_clip: global-norm clip of the meta-gradient.
-      loss_clip: clip task losses at loss_clip · ln(num_classes) (NaN maps to the clip).
-      task_groups: how many task shapes are in play at once; the particles are split into
-        this many groups, each with a shape sampled from the family for the whole run.
+      loss_clip: clip normalised task losses (the loss divided by the loss of the best
+        constant predictor, see `meta_train.lopt_problem`) at this value (NaN maps to it).
+      task_groups: how many task shapes (templates) are in play at once; the particles are
+        split into this many groups, each training tasks of one template.
+      switch_every: every this many outer steps one group, in turn, takes the next
+        template of a sequence that visits every template of the family once per cycle (in
+        a random order per cycle), with fresh particles; 0: each group keeps its first
+        template for the whole run (see `meta_train.groups`).
       objective: per-window objective: 'mean' (mean training loss over the window, divided
         by K), 'final' (training loss at the window's last step) or 'valid_final' (loss of a
         validation batch at the end of the window).
@@ -317,6 +363,7 @@ class MetaConfig:
     grad_clip: float = 1.0
     loss_clip: float = 1.5
     task_groups: int = 1
+    switch_every: int = 0
     objective: str = "mean"
     stagger: str = "truncate"
     sign_diff: bool = False
@@ -375,13 +422,13 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
-    task_family: MLPFamilyConfig = MLPFamilyConfig()
+    task_family: FamilyConfig = FamilyConfig()
     lopt: LOptConfig = LOptConfig()
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
-        # The other sections check themselves; MLPFamilyConfig lives in tasks.family.
+        # The other sections check themselves; FamilyConfig lives in tasks.family.
         check_section("task_family", self.task_family)
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,14 +72,22 @@ def learner_shardings(state: Any, pairs_per_group: int) -> Any:
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: one, state)
+    rest = jax.tree.map(lambda _: shardings[1], state.replace(est_state=()))
+    return rest.replace(est_state=estimator_shardings(state.est_state, pairs_per_group))
+
+
+def estimator_shardings(est_state: Any, pairs_per_group: int) -> Any:
+    """`learner_shardings` of an estimator state (all groups or one group's)."""
+    shardings = pair_sharding(pairs_per_group)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: one, est_state)
     split, replicated = shardings
 
     def along_pairs(x):
         return split if len(x.shape) >= 1 and x.shape[0] == pairs_per_group else replicated
 
-    est = jax.tree.map(along_pairs, state.est_state)
-    rest = jax.tree.map(lambda _: replicated, state.replace(est_state=()))
-    return rest.replace(est_state=est)
+    return jax.tree.map(along_pairs, est_state)
 
 
 def shard_learner_state(state: Any, pairs_per_group: int) -> Any:

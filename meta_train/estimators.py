@@ -101,6 +101,21 @@ class EstimatorState(struct.PyTreeNode):
     accum: tuple[Any, ...] = ()
     noise: tuple[Any, ...] = ()
 
+    def group(self, g: int) -> EstimatorState:
+        """Group g's state alone (the state of a one-group estimator)."""
+        return EstimatorState(
+            self.particles[g : g + 1], self.accum[g : g + 1], self.noise[g : g + 1]
+        )
+
+    @staticmethod
+    def join(groups: list[EstimatorState]) -> EstimatorState:
+        """The state of all groups from one-group states, in order."""
+        return EstimatorState(
+            sum((s.particles for s in groups), ()),
+            sum((s.accum for s in groups), ()),
+            sum((s.noise for s in groups), ()),
+        )
+
 
 def flat_normal(key: jax.Array, num: int, size: int, sigma: float, dtype=jnp.float32):
     """[num, size] Gaussian perturbations with standard deviation `sigma` (Box-Muller).
@@ -128,8 +143,20 @@ def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
 
-def _diagnostics(per_pair: jax.Array, stats: list[dict]) -> tuple[jax.Array, dict]:
-    """The mean estimate over pairs ([D] from [pairs, D]), and metrics of the window."""
+def combine_estimates(
+    per_pairs: list[jax.Array], stats: list[list[dict]]
+) -> tuple[jax.Array, dict]:
+    """The mean estimate over all pairs of all groups, and the window's metrics.
+
+    Args:
+      per_pairs: per call of `estimate_per_pair`, its [pairs, D] single-pair estimates.
+      stats: per call, its per-group statistics.
+
+    Returns:
+      The flat [D] meta-gradient and the metrics.
+    """
+    per_pair = jnp.concatenate(per_pairs)
+    stats = [s for group_stats in stats for s in group_stats]
     grad = jnp.mean(per_pair, axis=0)
     # Trace of the covariance of single-pair estimates: the estimator's noise level.
     var = jnp.sum(jnp.var(per_pair, axis=0))
@@ -188,14 +215,25 @@ class _Base(struct.PyTreeNode):
     stagger: str = struct.field(pytree_node=False, default="truncate")
     members: int = struct.field(pytree_node=False, default=2)  # runs per particle group
 
-    def _init_particles(self, key: jax.Array, theta: Any) -> tuple[Particle, ...]:
+    def estimate(
+        self, state: EstimatorState, theta: Any, key: jax.Array
+    ) -> tuple[Any, EstimatorState, dict]:
+        """One window of every group: the mean meta-gradient (θ-structured), the new state
+        and the window's metrics."""
+        per_pair, new_state, stats = self.estimate_per_pair(state, theta, key)
+        grad, metrics = combine_estimates([per_pair], [stats])
+        return ravel_pytree(theta)[1](grad), new_state, metrics
+
+    def _init_particles(
+        self, key: jax.Array, theta: Any, first_group: int = 0
+    ) -> tuple[Particle, ...]:
         if self.stagger not in STAGGERS:
             raise ValueError(f"unknown stagger {self.stagger!r}; known: {STAGGERS}")
         n = self.pairs_per_group
         thetas = jax.tree.map(lambda t: jnp.broadcast_to(t, (n, self.members) + t.shape), theta)
         groups = []
         for g, problem in enumerate(self.problems):
-            k_init, k_burn = jax.random.split(jax.random.fold_in(key, g))
+            k_init, k_burn = jax.random.split(jax.random.fold_in(key, first_group + g))
             keys = jax.random.split(k_init, n)
             init = jax.vmap(init_group, in_axes=(None, 0, 0, None, None))
             parts = init(problem, thetas, keys, self.schedule, self.stagger == "truncate")
@@ -250,14 +288,14 @@ class PersistentES(_Base):
     sigma: float = struct.field(pytree_node=False, default=0.01)
     mode: str = struct.field(pytree_node=False, default="pes")
 
-    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
+    def init(self, key: jax.Array, theta: Any, first_group: int = 0) -> EstimatorState:
         if self.mode not in ("pes", "es_single", "tes"):
             raise ValueError(f"unknown mode {self.mode!r}")
         flat = ravel_pytree(theta)[0]
         zeros = jnp.zeros((self.pairs_per_group, flat.size), flat.dtype)
         groups = len(self.problems)
         return EstimatorState(
-            self._init_particles(key, theta), (zeros,) * groups, (zeros,) * groups
+            self._init_particles(key, theta, first_group), (zeros,) * groups, (zeros,) * groups
         )
 
     def _group(self, problem, theta, unravel, particles: Particle, accum, noise, key):
@@ -302,9 +340,15 @@ class PersistentES(_Base):
         new_accum = jnp.where(crossed[:, None], restart, xi) if self.mode == "pes" else accum
         return per_pair, particles, new_accum, eps, _window_stats(out, ok, self.objective)
 
-    def estimate(
-        self, state: EstimatorState, theta: Any, key: jax.Array
-    ) -> tuple[Any, EstimatorState, dict]:
+    def estimate_per_pair(
+        self, state: EstimatorState, theta: Any, key: jax.Array, first_group: int = 0
+    ) -> tuple[jax.Array, EstimatorState, list[dict]]:
+        """One window of every group: single-pair estimates [pairs of all groups, D] (θ
+        flattened), the new state and per-group statistics (see `combine_estimates`).
+
+        Group g draws from `fold_in(key, first_group + g)`, so the groups of one estimator
+        run as separate one-group estimators (`first_group=g`) give the same numbers.
+        """
         flat, unravel = ravel_pytree(theta)
         results = [
             self._group(
@@ -314,18 +358,16 @@ class PersistentES(_Base):
                 state.particles[g],
                 state.accum[g],
                 state.noise[g],
-                jax.random.fold_in(key, g),
+                jax.random.fold_in(key, first_group + g),
             )
             for g, p in enumerate(self.problems)
         ]
-        per_pair = jnp.concatenate([r[0] for r in results])
-        grad, metrics = _diagnostics(per_pair, [r[4] for r in results])
         new_state = EstimatorState(
             tuple(r[1] for r in results),
             tuple(r[2] for r in results),
             tuple(r[3] for r in results),
         )
-        return unravel(grad), new_state, metrics
+        return jnp.concatenate([r[0] for r in results]), new_state, [r[4] for r in results]
 
 
 def _select(cond: jax.Array, a: Any, b: Any) -> Any:
@@ -347,19 +389,20 @@ class FullES(_Base):
 
     sigma: float = struct.field(pytree_node=False, default=0.01)
 
-    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
-        del key, theta
+    def init(self, key: jax.Array, theta: Any, first_group: int = 0) -> EstimatorState:
+        del key, theta, first_group
         return EstimatorState(particles=())
 
-    def estimate(
-        self, state: EstimatorState, theta: Any, key: jax.Array
-    ) -> tuple[Any, EstimatorState, dict]:
+    def estimate_per_pair(
+        self, state: EstimatorState, theta: Any, key: jax.Array, first_group: int = 0
+    ) -> tuple[jax.Array, EstimatorState, list[dict]]:
+        """See `PersistentES.estimate_per_pair`."""
         n, sched = self.pairs_per_group, self.schedule
         flat, unravel = ravel_pytree(theta)
         per_pairs, stats = [], []
         for g, problem in enumerate(self.problems):
             # Keys derived as in PersistentES: the same key gives the same ε and data.
-            k_eps, k_unroll = jax.random.split(jax.random.fold_in(key, g))
+            k_eps, k_unroll = jax.random.split(jax.random.fold_in(key, first_group + g))
             eps = flat_normal(k_eps, n, flat.size, self.sigma, flat.dtype)
             thetas = pair_thetas(flat, eps, unravel)
 
@@ -377,8 +420,7 @@ class FullES(_Base):
             d = jnp.where(ok, self.objective.transform(total[:, 0] - total[:, 1]), 0.0)
             per_pairs.append((d / (2.0 * self.sigma**2))[:, None] * eps)
             stats.append(_window_stats(out, ok, self.objective))
-        grad, metrics = _diagnostics(jnp.concatenate(per_pairs), stats)
-        return unravel(grad), state, metrics
+        return jnp.concatenate(per_pairs), state, stats
 
 
 class TBPTT(_Base):
@@ -391,16 +433,17 @@ class TBPTT(_Base):
 
     members: int = struct.field(pytree_node=False, default=1)
 
-    def init(self, key: jax.Array, theta: Any) -> EstimatorState:
-        return EstimatorState(self._init_particles(key, theta))
+    def init(self, key: jax.Array, theta: Any, first_group: int = 0) -> EstimatorState:
+        return EstimatorState(self._init_particles(key, theta, first_group))
 
-    def estimate(
-        self, state: EstimatorState, theta: Any, key: jax.Array
-    ) -> tuple[Any, EstimatorState, dict]:
+    def estimate_per_pair(
+        self, state: EstimatorState, theta: Any, key: jax.Array, first_group: int = 0
+    ) -> tuple[jax.Array, EstimatorState, list[dict]]:
+        """See `PersistentES.estimate_per_pair`."""
         n = self.pairs_per_group
         per_pairs, groups, stats = [], [], []
         for g, problem in enumerate(self.problems):
-            keys = jax.random.split(jax.random.fold_in(key, g), n)
+            keys = jax.random.split(jax.random.fold_in(key, first_group + g), n)
 
             def window(th, particle, k, problem=problem):
                 particle = jax.lax.stop_gradient(particle)
@@ -431,8 +474,7 @@ class TBPTT(_Base):
             per_pairs.append((ok & finite).astype(flat_grads.dtype)[:, None] * flat_grads)
             groups.append(parts)
             stats.append(_window_stats(out, ok, self.objective))
-        grad, metrics = _diagnostics(jnp.concatenate(per_pairs), stats)
-        return ravel_pytree(theta)[1](grad), EstimatorState(tuple(groups)), metrics
+        return jnp.concatenate(per_pairs), EstimatorState(tuple(groups)), stats
 
 
 def _zero_nan(tree: Any) -> Any:

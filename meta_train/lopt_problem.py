@@ -2,11 +2,15 @@
 
 The problem is a pytree (the task template's data are leaves), so it enters jit as an
 argument: sampled tasks of one shape share one compilation.
+
+Meta-losses are normalised: a task's loss divided by the loss of the best constant
+predictor on its training data (`tasks.family.TaskSampler.normaliser`), so 1.0 means "no
+better than predicting the label (or byte) frequencies" whatever the kind, and groups of
+different kinds enter one meta-gradient on one scale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,54 +20,60 @@ from flax import struct
 
 from lopt.base import LearnedOptimizer
 from meta_train.unroll import all_finite
-from tasks.classification import ClassificationTask, TaskHParams
+from tasks.family import TaskDraw, TaskSampler
 
 
 class LOptInner(struct.PyTreeNode):
     """Inner state of one learned-optimizer training run."""
 
-    hp: TaskHParams
+    draw: TaskDraw
     params: Any
     opt_state: Any
 
 
 class LOptProblem(struct.PyTreeNode):
-    """Meta-loss: the (clipped) training loss of a task trained by `lopt(theta)`.
+    """Meta-loss: the normalised, clipped training loss of a task trained by `lopt(theta)`.
 
     Attributes:
-      task: a task template; `reset` samples its traced numbers with `sample_hparams`.
+      task: a task template; `reset` draws its traced numbers (and augmentations).
       lopt: the learned optimizer (static).
-      sample_hparams: `key -> TaskHParams` (static, traceable).
-      loss_clip: task losses are clipped at this value and NaN/inf maps to it, following
-        practice for ES on learned optimizers (1.5 · ln(num_classes)).
+      sampler: the template's `TaskSampler` (static, traceable).
+      loss_clip: normalised losses are clipped at this value and NaN/inf maps to it,
+        following practice for ES on learned optimizers (1.5: half again the loss of a
+        constant predictor).
     """
 
-    task: ClassificationTask
+    task: Any
     lopt: LearnedOptimizer = struct.field(pytree_node=False)
-    sample_hparams: Callable[[jax.Array], TaskHParams] = struct.field(pytree_node=False)
-    loss_clip: float = struct.field(pytree_node=False, default=3.45)
+    sampler: TaskSampler = struct.field(pytree_node=False)
+    loss_clip: float = struct.field(pytree_node=False, default=1.5)
 
     def reset(self, theta: Any, key: jax.Array, num_steps: jax.Array) -> LOptInner:
         k_task, k_init = jax.random.split(key)
-        hp = self.sample_hparams(k_task)
-        params = self.task.replace(hp=hp).init(k_init)
-        return LOptInner(hp, params, self.lopt.optimizer(theta).init(params, num_steps))
+        draw = self.sampler(k_task)
+        params = self.sampler.task(self.task, draw).init(k_init)
+        return LOptInner(draw, params, self.lopt.optimizer(theta).init(params, num_steps))
 
     def step(self, theta: Any, inner: LOptInner, key: jax.Array):
-        task = self.task.replace(hp=inner.hp)
+        task = self.sampler.task(self.task, inner.draw)
         loss, grads = jax.value_and_grad(task.loss)(inner.params, task.sample_batch(key))
+        # The optimizer sees the (augmented) training loss; the meta-loss is the task's own.
         updates, opt_state = self.lopt.optimizer(theta).update(
             grads, inner.opt_state, inner.params, loss
         )
         params = optax.apply_updates(inner.params, updates)
         finite = jnp.isfinite(loss) & all_finite(params)
-        return LOptInner(inner.hp, params, opt_state), self._clip(loss), finite
+        meta = self._normalised(self.sampler.unscaled(inner.draw, loss), inner.draw)
+        return LOptInner(inner.draw, params, opt_state), meta, finite
 
     def eval_loss(self, theta: Any, inner: LOptInner, key: jax.Array) -> jax.Array:
-        """The (clipped) loss of a validation batch: for end-of-window validation objectives."""
+        """The normalised, clipped loss of a validation batch (clean labels, unscaled): for
+        end-of-window validation objectives."""
         del theta
-        task = self.task.replace(hp=inner.hp)
-        return self._clip(task.loss(inner.params, task.sample_batch(key, "valid")))
+        task = self.sampler.task(self.task, inner.draw)
+        loss = task.metrics(inner.params, task.sample_batch(key, "valid"))["loss"]
+        return self._normalised(loss, inner.draw)
 
-    def _clip(self, loss: jax.Array) -> jax.Array:
+    def _normalised(self, loss: jax.Array, draw: TaskDraw) -> jax.Array:
+        loss = loss / self.sampler.normaliser(draw)
         return jnp.minimum(jnp.nan_to_num(loss, nan=self.loss_clip), self.loss_clip)

@@ -32,7 +32,6 @@ from meta_train.checkpoint import (
 from meta_train.cli import run_cli
 from meta_train.config import Config, ConfigError, load_config, save_config
 from meta_train.devices import use_cpu_cores
-from meta_train.learner import outer_step
 from meta_train.logging import ProgressBar, RunLogger
 
 
@@ -94,7 +93,7 @@ def check_run_folder(out_dir: str | Path, resume: Resume) -> int | None:
 def _restore(run: Run, ckpt: Checkpointer, step: int):
     """Restores a learner state after checking the saved config is compatible."""
     check_compatible(ckpt.read_config(step), run.config.to_dict())
-    abstract = run.abstract_state()
+    abstract = run.abstract_state(step)
     # The abstract state carries this process's placement: arrays restore already sharded.
     theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
     return rest.replace(theta=theta)
@@ -150,7 +149,7 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
     try:
         t_log, logged_at = time.perf_counter(), start
         for step in range(start, total):
-            state, metrics = outer_step(run.estimator, state, run.outer_opt)
+            state, metrics = run.outer_step(state, step)
             done = step + 1
             if step == start:  # the first call compiled: keep it out of the throughput
                 jax.block_until_ready(metrics)
@@ -158,6 +157,9 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                 t_log, logged_at = time.perf_counter(), done
             if done % cfg.run.log_every == 0 or done == total:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if run.switching:  # which shapes are in play, and what that compiled
+                    metrics["templates_visited"] = len(run.schedule.visited(done))
+                    metrics["compiles"] = sum(run.compile_counts().values())
                 now = time.perf_counter()
                 if done > logged_at:
                     metrics["inner_steps_per_s"] = (

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tasks.base import KeyedFn, accuracy, cross_entropy
+from tasks.base import KeyedFn, accuracy, chunked_sums, cross_entropy
 from tasks.device_data import DeviceData
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -73,7 +73,8 @@ class ClassificationTask(struct.PyTreeNode):
       apply_fn: `apply_fn(params, x, hp) -> logits` (static).
       batch_size: training batch size (static).
       num_classes: number of classes (static).
-      eval_batch_size: batch size of `sample_batch` for 'valid'/'test' (static).
+      eval_batch_size: batch size of `sample_batch` for 'valid'/'test', and the rows per
+        chunk of `full_split_metrics` (static).
     """
 
     data: DeviceData
@@ -106,18 +107,35 @@ class ClassificationTask(struct.PyTreeNode):
         return {"loss": cross_entropy(logits, y), "accuracy": accuracy(logits, y)}
 
     def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
-        """Loss and accuracy over every row of the current dataset in a split."""
+        """Loss and accuracy over every row of the current dataset in a split.
+
+        Computed `eval_batch_size` rows at a time (`chunked_sums`), so memory stays bounded
+        by that chunk however large the split and however many runs are vmapped.
+
+        Args:
+          params: the model's parameters.
+          split: 'train', 'valid' or 'test'.
+
+        Returns:
+          {'loss': mean cross-entropy, 'accuracy': share of correct argmax predictions}.
+        """
         s = self.data.split(split)
-        logits = self.logits(params, s.x)
-        rows = jnp.arange(s.y.shape[0])
-        mask = (rows >= s.offsets[self.hp.dataset]) & (
-            rows < s.offsets[self.hp.dataset] + s.counts[self.hp.dataset]
-        )
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, s.y[:, None], axis=-1)[:, 0]
-        n = jnp.maximum(mask.sum(), 1)
-        correct = jnp.argmax(logits, -1) == s.y
-        return {"loss": jnp.sum(nll * mask) / n, "accuracy": jnp.sum(correct * mask) / n}
+        first = s.offsets[self.hp.dataset]
+        count = s.counts[self.hp.dataset]
+
+        def per_row(batch, rows):
+            x, y = batch
+            # Splits hold every dataset of the family: count the current one's rows only.
+            mask = (rows >= first) & (rows < first + count)
+            logits = self.logits(params, x)
+            logp = jax.nn.log_softmax(logits)
+            nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+            correct = jnp.argmax(logits, -1) == y
+            return {"nll": jnp.where(mask, nll, 0.0), "correct": correct & mask}
+
+        sums = chunked_sums(per_row, (s.x, s.y), self.eval_batch_size)
+        n = jnp.maximum(count, 1)
+        return {"loss": sums["nll"] / n, "accuracy": sums["correct"] / n}
 
 
 def mlp_task(

@@ -15,6 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tasks.base import KeyedFn
+from tasks.classification import (
+    ACTIVATIONS,
+    ClassificationTask,
+    TaskHParams,
+    apply_activation,
+)
+from tasks.device_data import DeviceData
+
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """XLA/TensorFlow "SAME" padding (low, high) of one spatial axis."""
@@ -74,9 +83,9 @@ class ConvNet(nn.Module):
     Attributes:
       channels: output channels of each convolution layer.
       kernel_sizes: square kernel size of each layer.
-      strides: stride of each layer.
+      strides: stride of each layer (stride 2 halves the resolution: the network's pooling).
       num_classes: logits of the head.
-      activation: elementwise nonlinearity.
+      activations: activation names; the call's `activation` index (may be traced) picks one.
       conv: the convolution (`conv2d`; `xla_conv2d` computes the same function).
     """
 
@@ -84,11 +93,11 @@ class ConvNet(nn.Module):
     kernel_sizes: Sequence[int]
     strides: Sequence[int]
     num_classes: int
-    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+    activations: Sequence[str] = ("relu",)
     conv: Callable[..., jax.Array] = conv2d
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, activation: jax.Array | int = 0) -> jax.Array:
         if not len(self.channels) == len(self.kernel_sizes) == len(self.strides):
             raise ValueError("channels, kernel_sizes and strides need one entry per layer")
         for i, (c, k, s) in enumerate(
@@ -98,5 +107,56 @@ class ConvNet(nn.Module):
                 f"conv{i}_kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], c)
             )
             bias = self.param(f"conv{i}_bias", nn.initializers.zeros, (c,))
-            x = self.activation(self.conv(x, kernel, s) + bias)
+            x = apply_activation(self.conv(x, kernel, s) + bias, activation, self.activations)
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def conv_task(
+    data: DeviceData,
+    channels: Sequence[int],
+    kernel_sizes: Sequence[int],
+    strides: Sequence[int],
+    num_classes: int,
+    *,
+    batch_size: int = 128,
+    activations: Sequence[str] = ("relu",),
+    hp: TaskHParams | None = None,
+) -> ClassificationTask:
+    """A ConvNet image classifier (`ConvNet` with the im2col `conv2d`) over `data`.
+
+    Args:
+      data: on-device images [N, H, W, C].
+      channels, kernel_sizes, strides: one entry per convolution layer.
+      num_classes: output classes.
+      batch_size: training batch size.
+      activations: names the traced `hp.activation` index chooses from.
+      hp: per-task numbers; defaults to activation 0, dataset 0, init scale 1.
+
+    Returns:
+      A `ClassificationTask`.
+    """
+    if len(data.input_shape) != 3:
+        raise ValueError(
+            f"a ConvNet needs images [H, W, C]; the data's inputs have shape {data.input_shape}"
+        )
+    for a in activations:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
+    module = ConvNet(
+        tuple(channels), tuple(kernel_sizes), tuple(strides), num_classes, tuple(activations)
+    )
+
+    def init_fn(key, x):
+        return module.init(key, x, jnp.int32(0))["params"]
+
+    def apply_fn(params, x, hp):
+        return module.apply({"params": params}, x, hp.activation)
+
+    return ClassificationTask(
+        data=data,
+        hp=TaskHParams.default() if hp is None else hp,
+        init_fn=KeyedFn(init_fn, ("conv-init", module)),
+        apply_fn=KeyedFn(apply_fn, ("conv-apply", module)),
+        batch_size=batch_size,
+        num_classes=num_classes,
+    )

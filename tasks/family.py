@@ -1,9 +1,20 @@
-"""Task families: distributions over tasks, sampled from a key.
+"""Task families: distributions over tasks of several kinds, sampled from a key.
 
-Numbers (activation, init scale, which dataset among those of equal input shape) are
-sampled as traced `TaskHParams`, so every task of one shape shares one compilation.
-Shape-changing choices (hidden sizes, batch size, datasets of another input shape) pick
-from a small fixed set of templates, each compiled once.
+A family is a list of *templates*, one per shape: a kind ('mlp', 'conv' or 'lm'), an
+architecture, a batch shape and a dataset group (datasets of one input shape and class
+count share a device array). Shape-changing choices pick a template; each template is
+compiled once. Everything else is a traced number drawn by the template's `TaskSampler`
+(activation, init scale, which dataset of the group, and the task augmentations), so every
+task of one template shares one compilation.
+
+Task augmentation (VeLO, Metz et al. 2022), each switched on by its config key: per-tensor
+reparameterisation (`reparam_scale`), loss rescaling (`loss_scale`) and label noise
+(`label_noise`); see `tasks.augment`. Augmentations shape what meta-training sees;
+`sample_with_info` (held-out evaluation tasks) returns the task without them.
+
+Each template also carries the loss of the best constant predictor on its training data
+(the entropy of the label or byte marginal, in nats): dividing losses by it puts kinds of
+different units (10-way classification, 256-way next-byte prediction) on one scale.
 """
 
 from __future__ import annotations
@@ -11,37 +22,80 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from tasks.classification import ACTIVATIONS, ClassificationTask, TaskHParams, mlp_task
+from tasks.augment import LabelNoise, LossScaled, Reparameterised
+from tasks.classification import ACTIVATIONS, TaskHParams, mlp_task
+from tasks.conv import conv_task
 from tasks.datasets import Dataset, load_dataset
 from tasks.device_data import to_device
 
+KINDS = ("mlp", "conv", "lm")
+
 
 @dataclasses.dataclass(frozen=True)
-class MLPFamilyConfig:
-    """A family of MLP classifiers.
+class FamilyConfig:
+    """A family of tasks over one or more kinds.
 
     Attributes:
-      datasets: dataset names (see `tasks.datasets.DATASETS`).
-      hidden_sizes: the hidden-layer configurations to pick from (each a tuple of widths).
-      activations: activation names, picked per task as a traced number.
-      batch_sizes: training batch sizes to pick from.
+      kinds: which kinds the family holds: 'mlp' (MLP classifiers), 'conv' (ConvNet image
+        classifiers), 'lm' (byte-level language models). Every template of every kind is
+        equally likely.
+      activations: activation names, picked per task as a traced number (MLPs, ConvNets and
+        the transformer's MLP; recurrent cells keep their own nonlinearities).
       init_scale: (low, high) of a log-uniform multiplier on the default weight init.
-      resolution: resize images to resolution×resolution (None keeps them as they are).
+      datasets: datasets of the 'mlp' kind (see `tasks.datasets.DATASETS`).
+      hidden_sizes: the MLP hidden-layer configurations (each a tuple of widths).
+      batch_sizes: MLP training batch sizes.
+      conv_datasets: image datasets of the 'conv' kind.
+      conv_channels: ConvNet architectures, each a tuple of per-layer channels (2-4 layers).
+      conv_strides: per-layer strides, one tuple per entry of `conv_channels` (paired).
+      conv_kernel_sizes: square kernel sizes (one per network, all its layers).
+      conv_batch_sizes: ConvNet training batch sizes.
+      lm_corpora: text corpora of the 'lm' kind (see `tasks.text.load_text`).
+      lm_models: 'lstm', 'gru', 'rnn' or 'transformer'.
+      lm_hidden: recurrent units or transformer widths.
+      lm_layers: recurrent layers or transformer blocks.
+      lm_seq_lens: training sequence lengths.
+      lm_batch_sizes: training batch sizes (sequences).
+      lm_heads: attention heads of transformers.
+      reparam_scale: (low, high) of log-uniform per-tensor reparameterisation scales; ()
+        switches it off.
+      loss_scale: (low, high) of a log-uniform training-loss multiplier; () switches it off.
+      label_noise: the fraction of noisy training labels is uniform in [0, label_noise]
+        (0 switches it off).
+      resolution: resize images to resolution×resolution (0 keeps them as they are).
       grayscale: convert colour images to one channel.
       data_dir: directory holding dataset files ("" uses LOPT_DATA_DIR and the defaults).
-      valid_size: fraction of the training split held out for validation.
+      valid_size: fraction of the training split held out for validation (images).
     """
 
+    kinds: tuple[str, ...] = ("mlp",)
+    activations: tuple[str, ...] = ("relu",)
+    init_scale: tuple[float, float] = (1.0, 1.0)
     datasets: tuple[str, ...] = ("mnist1d",)
     hidden_sizes: tuple[tuple[int, ...], ...] = ((32,),)
-    activations: tuple[str, ...] = ("relu",)
     batch_sizes: tuple[int, ...] = (128,)
-    init_scale: tuple[float, float] = (1.0, 1.0)
+    conv_datasets: tuple[str, ...] = ("fashion_mnist",)
+    conv_channels: tuple[tuple[int, ...], ...] = ((16, 32),)
+    conv_strides: tuple[tuple[int, ...], ...] = ((2, 2),)
+    conv_kernel_sizes: tuple[int, ...] = (3,)
+    conv_batch_sizes: tuple[int, ...] = (64,)
+    lm_corpora: tuple[str, ...] = ("pydoc",)
+    lm_models: tuple[str, ...] = ("lstm",)
+    lm_hidden: tuple[int, ...] = (64,)
+    lm_layers: tuple[int, ...] = (1,)
+    lm_seq_lens: tuple[int, ...] = (64,)
+    lm_batch_sizes: tuple[int, ...] = (32,)
+    lm_heads: int = 2
+    reparam_scale: tuple[float, ...] = ()
+    loss_scale: tuple[float, ...] = ()
+    label_noise: float = 0.0
     resolution: int = 0
     grayscale: bool = True
     data_dir: str = ""
@@ -51,107 +105,349 @@ class MLPFamilyConfig:
         for a in self.activations:
             if a not in ACTIVATIONS:
                 raise ValueError(f"activations: unknown {a!r}; known {sorted(ACTIVATIONS)}")
+        for k in self.kinds:
+            if k not in KINDS:
+                raise ValueError(f"kinds: unknown {k!r}; known {list(KINDS)}")
+        if not self.kinds:
+            raise ValueError("kinds must name at least one kind")
         if not self.datasets or not self.hidden_sizes or not self.batch_sizes:
             raise ValueError("datasets, hidden_sizes and batch_sizes must be non-empty")
         lo, hi = self.init_scale
         if not 0 < lo <= hi:
             raise ValueError(f"init_scale must satisfy 0 < low <= high, got {self.init_scale}")
+        if len(self.conv_channels) != len(self.conv_strides) or any(
+            len(c) != len(s) for c, s in zip(self.conv_channels, self.conv_strides, strict=False)
+        ):
+            raise ValueError(
+                "conv_strides needs one stride list per conv_channels entry, each with one "
+                f"stride per layer; got {self.conv_channels} and {self.conv_strides}"
+            )
+        for name in ("reparam_scale", "loss_scale"):
+            r = getattr(self, name)
+            if r and not (len(r) == 2 and 0 < r[0] <= r[1]):
+                raise ValueError(f"{name} must be [] (off) or [low, high] with 0 < low <= high")
+        if not 0 <= self.label_noise <= 1:
+            raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
+
+
+MLPFamilyConfig = FamilyConfig  # the family's name before it had other kinds
+
+
+class TaskDraw(struct.PyTreeNode):
+    """The traced numbers of one sampled task: the template's `TaskHParams` and the
+    augmentations' numbers (None where the augmentation is off)."""
+
+    hp: TaskHParams
+    reparam: jax.Array | None = None  # [num_param_tensors] scales c
+    loss_scale: jax.Array | None = None
+    label_noise: jax.Array | None = None
+
+
+def _log_uniform(key: jax.Array, shape: tuple[int, ...], bounds: Sequence[float]) -> jax.Array:
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    return jnp.exp(jax.random.uniform(key, shape, minval=lo, maxval=hi))
 
 
 @dataclasses.dataclass(frozen=True)
-class HParamSampler:
-    """Samples `TaskHParams`; a value-compared static, so equal families share compiles."""
+class TaskSampler:
+    """Draws a template's traced numbers and builds the (augmented) task from them.
+
+    A value-compared static: equal families share compiles.
+
+    Attributes:
+      num_activations: activations `hp.activation` picks from.
+      num_datasets: datasets `hp.dataset` picks from.
+      init_scale: (low, high), log-uniform.
+      num_tensors: parameter tensors of the template (one reparameterisation scale each).
+      trivial_loss: per dataset, the loss of the best constant predictor (nats).
+      reparam_scale, loss_scale, label_noise: the augmentations (see `FamilyConfig`).
+    """
 
     num_activations: int
     num_datasets: int
     init_scale: tuple[float, float]
+    num_tensors: int
+    trivial_loss: tuple[float, ...]
+    reparam_scale: tuple[float, ...] = ()
+    loss_scale: tuple[float, ...] = ()
+    label_noise: float = 0.0
 
-    def __call__(self, key: jax.Array) -> TaskHParams:
+    def __call__(self, key: jax.Array) -> TaskDraw:
         k1, k2, k3 = jax.random.split(key, 3)
-        lo, hi = np.log(self.init_scale[0]), np.log(self.init_scale[1])
-        return TaskHParams(
+        # The augmentations draw from their own stream: tasks without them stay as before.
+        k4, k5, k6 = jax.random.split(jax.random.fold_in(key, 1), 3)
+        hp = TaskHParams(
             activation=jax.random.randint(k1, (), 0, self.num_activations),
             dataset=jax.random.randint(k2, (), 0, self.num_datasets),
-            init_scale=jnp.exp(jax.random.uniform(k3, (), minval=lo, maxval=hi)),
+            init_scale=_log_uniform(k3, (), self.init_scale),
+        )
+        return TaskDraw(
+            hp,
+            reparam=(
+                _log_uniform(k4, (self.num_tensors,), self.reparam_scale)
+                if self.reparam_scale
+                else None
+            ),
+            loss_scale=_log_uniform(k5, (), self.loss_scale) if self.loss_scale else None,
+            label_noise=(
+                jax.random.uniform(k6, (), maxval=self.label_noise) if self.label_noise else None
+            ),
         )
 
+    def task(self, template: Any, draw: TaskDraw) -> Any:
+        """The template with the draw's numbers, wrapped in the drawn augmentations."""
+        task = template.replace(hp=draw.hp)
+        if draw.label_noise is not None:
+            task = LabelNoise(task, draw.label_noise)
+        if draw.loss_scale is not None:
+            task = LossScaled(task, draw.loss_scale)
+        if draw.reparam is not None:
+            treedef = jax.tree.structure(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+            task = Reparameterised(task, jax.tree.unflatten(treedef, list(draw.reparam)))
+        return task
 
-class MLPTaskFamily:
-    """Samples MLP classification tasks; see `MLPFamilyConfig`."""
+    def unscaled(self, draw: TaskDraw, loss: jax.Array) -> jax.Array:
+        """A training loss of `task(template, draw)` without the loss-scale augmentation."""
+        return loss if draw.loss_scale is None else loss / draw.loss_scale
 
-    def __init__(self, config: MLPFamilyConfig, datasets: Sequence[Dataset] | None = None):
+    def normaliser(self, draw: TaskDraw) -> jax.Array:
+        """The trivial-predictor loss of the draw's dataset (losses divided by it are
+        comparable across kinds)."""
+        return jnp.asarray(self.trivial_loss, jnp.float32)[draw.hp.dataset]
+
+
+def marginal_entropy(labels: np.ndarray, num_classes: int) -> float:
+    """Entropy (nats) of the empirical distribution of `labels`: the cross-entropy of the
+    best constant predictor."""
+    p = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes) / labels.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """One shape of a family.
+
+    Attributes:
+      kind: 'mlp', 'conv' or 'lm'.
+      task: the task (its data are pytree leaves); numbers are set per draw.
+      sampler: draws the traced numbers and builds tasks (static).
+      datasets: the dataset names `hp.dataset` picks from.
+      shape: a JSON-friendly description of the shape.
+    """
+
+    kind: str
+    task: Any
+    sampler: TaskSampler
+    datasets: tuple[str, ...]
+    shape: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:" + ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+class TaskFamily:
+    """Samples tasks of the configured kinds; see `FamilyConfig`."""
+
+    def __init__(
+        self,
+        config: FamilyConfig,
+        datasets: Sequence[Dataset] | None = None,
+        corpora: Sequence[Any] | None = None,
+    ):
         """Loads the family's datasets (or takes already loaded ones) onto the device.
 
         Args:
           config: the family.
-          datasets: optional already loaded datasets, used instead of `config.datasets`.
+          datasets: optional already loaded image/feature datasets, used instead of
+            `config.datasets` and `config.conv_datasets` (each kind keeps those of the
+            names it lists; with neither listing one, all go to the first image kind).
+          corpora: optional already loaded `tasks.text.TextCorpus`es, used instead of
+            `config.lm_corpora`.
         """
         self.config = config
-        loaded = (
-            list(datasets)
-            if datasets is not None
-            else [
+        self.templates: list[Template] = []
+        given = {d.name: d for d in datasets} if datasets is not None else None
+        for kind in config.kinds:
+            if kind == "mlp":
+                self._add_classifiers("mlp", self._datasets(config.datasets, given))
+            elif kind == "conv":
+                self._add_classifiers("conv", self._datasets(config.conv_datasets, given))
+            else:
+                self._add_language_models(corpora)
+
+    # ------------------------------------------------------------------------- building
+
+    def _datasets(self, names: Sequence[str], given: dict | None) -> list[Dataset]:
+        c = self.config
+        if given is None:
+            return [
                 load_dataset(
-                    name,
-                    config.data_dir or None,
-                    resolution=config.resolution or None,
-                    grayscale=config.grayscale,
-                    valid_size=config.valid_size,
+                    n,
+                    c.data_dir or None,
+                    resolution=c.resolution or None,
+                    grayscale=c.grayscale,
+                    valid_size=c.valid_size,
                 )
-                for name in config.datasets
+                for n in names
             ]
+        picked = [given[n] for n in names if n in given]
+        return picked or list(given.values())
+
+    def _sampler(self, num_activations: int, num_datasets: int, task: Any, trivial) -> TaskSampler:
+        c = self.config
+        tensors = len(jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0))))
+        return TaskSampler(
+            num_activations,
+            num_datasets,
+            tuple(c.init_scale),
+            tensors,
+            tuple(trivial),
+            tuple(c.reparam_scale),
+            tuple(c.loss_scale),
+            float(c.label_noise),
         )
+
+    def _add_classifiers(self, kind: str, loaded: list[Dataset]) -> None:
+        c = self.config
         # Datasets of one input shape and class count share a device array (traced choice).
-        groups: dict[tuple, list] = {}
+        groups: dict[tuple, list[Dataset]] = {}
         for ds in loaded:
             key = (ds.splits["train"][0].shape[1:], ds.num_classes)
             groups.setdefault(key, []).append(ds)
-        self.dataset_groups = [[d.name for d in g] for g in groups.values()]
-        datas = [(to_device([d.splits for d in g]), g[0].num_classes) for g in groups.values()]
-        self.templates: list[ClassificationTask] = []
-        self._template_shapes: list[tuple[list[str], tuple[int, ...]]] = []
-        for (data, nc), names in zip(datas, self.dataset_groups, strict=True):
-            for hidden, bs in itertools.product(config.hidden_sizes, config.batch_sizes):
-                task = mlp_task(data, hidden, nc, batch_size=bs, activations=config.activations)
-                self.templates.append(task)
-                self._template_shapes.append((names, tuple(hidden)))
+        for group in groups.values():
+            data = to_device([d.splits for d in group])
+            nc = group[0].num_classes
+            names = tuple(d.name for d in group)
+            trivial = [marginal_entropy(d.splits["train"][1], nc) for d in group]
+            if kind == "mlp":
+                shapes = [
+                    (
+                        {"hidden_sizes": list(h), "batch_size": bs},
+                        mlp_task(data, h, nc, batch_size=bs, activations=c.activations),
+                    )
+                    for h, bs in itertools.product(c.hidden_sizes, c.batch_sizes)
+                ]
+            else:
+                if len(data.input_shape) != 3:
+                    raise ValueError(
+                        f"task_family.conv_datasets: {', '.join(names)} are not images "
+                        f"(inputs of shape {data.input_shape}); a ConvNet needs [H, W, C]"
+                    )
+                shapes = [
+                    (
+                        {
+                            "channels": list(ch),
+                            "strides": list(st),
+                            "kernel_size": k,
+                            "batch_size": bs,
+                        },
+                        conv_task(
+                            data,
+                            ch,
+                            (k,) * len(ch),
+                            st,
+                            nc,
+                            batch_size=bs,
+                            activations=c.activations,
+                        ),
+                    )
+                    for (ch, st), k, bs in itertools.product(
+                        zip(c.conv_channels, c.conv_strides, strict=True),
+                        c.conv_kernel_sizes,
+                        c.conv_batch_sizes,
+                    )
+                ]
+            for shape, task in shapes:
+                sampler = self._sampler(len(c.activations), len(group), task, trivial)
+                self.templates.append(
+                    Template(kind, task, sampler, names, {"input": list(data.input_shape), **shape})
+                )
+
+    def _add_language_models(self, corpora: Sequence[Any] | None) -> None:
+        from tasks.language import lm_task  # noqa: PLC0415
+        from tasks.text import VOCAB, load_text  # noqa: PLC0415
+
+        c = self.config
+        texts = (
+            list(corpora)
+            if corpora is not None
+            else [load_text(n, c.data_dir or None) for n in c.lm_corpora]
+        )
+        for corpus in texts:
+            trivial = [marginal_entropy(corpus.splits["train"], VOCAB)]
+            for model, hidden, layers, seq, bs in itertools.product(
+                c.lm_models, c.lm_hidden, c.lm_layers, c.lm_seq_lens, c.lm_batch_sizes
+            ):
+                task = lm_task(
+                    corpus,
+                    model,
+                    hidden=hidden,
+                    layers=layers,
+                    batch_size=bs,
+                    seq_len=seq,
+                    heads=c.lm_heads,
+                    activations=c.activations,
+                )
+                acts = len(c.activations) if model == "transformer" else 1
+                shape = {
+                    "model": model,
+                    "hidden": hidden,
+                    "layers": layers,
+                    "seq_len": seq,
+                    "batch_size": bs,
+                }
+                self.templates.append(
+                    Template(
+                        "lm", task, self._sampler(acts, 1, task, trivial), (corpus.name,), shape
+                    )
+                )
+
+    # ------------------------------------------------------------------------- sampling
 
     @property
     def num_templates(self) -> int:
         return len(self.templates)
 
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(t.kind for t in self.templates))
+
     def sample_template(self, key: jax.Array) -> int:
-        """Picks a shape (a template index) from a key; a Python int."""
+        """Picks a shape (a template index, every one equally likely); a Python int."""
         return int(jax.random.randint(key, (), 0, self.num_templates))
 
-    def hparam_sampler(self, template: int) -> HParamSampler:
+    def sampler(self, template: int) -> TaskSampler:
         """The traceable sampler of template `template`'s numbers (compared by value)."""
-        return HParamSampler(
-            len(self.config.activations),
-            len(self._template_shapes[template][0]),
-            self.config.init_scale,
-        )
+        return self.templates[template].sampler
 
-    def sample_hparams(self, key: jax.Array, template: int) -> TaskHParams:
-        """Samples the traced numbers of a task of template `template` (jit/vmap-safe)."""
-        return self.hparam_sampler(template)(key)
-
-    def sample(self, key: jax.Array) -> ClassificationTask:
-        """Samples a whole task (shape and numbers), e.g. a held-out evaluation task."""
-        return self.sample_with_info(key)[0]
-
-    def sample_with_info(self, key: jax.Array) -> tuple[ClassificationTask, dict]:
-        """Like `sample`, also returning a JSON-friendly description of the task."""
+    def sample_with_info(self, key: jax.Array) -> tuple[Any, dict]:
+        """A whole task (shape and numbers, no augmentation), e.g. a held-out evaluation
+        task, and a JSON-friendly description of it."""
         k1, k2 = jax.random.split(key)
         t = self.sample_template(k1)
-        hp = self.sample_hparams(k2, t)
-        names, hidden = self._template_shapes[t]
+        template = self.templates[t]
+        hp = template.sampler(k2).hp
         info = {
+            "kind": template.kind,
             "template": t,
-            "dataset": names[int(hp.dataset)],
-            "activation": self.config.activations[int(hp.activation)],
+            "dataset": template.datasets[int(hp.dataset)],
             "init_scale": round(float(hp.init_scale), 4),
-            "batch_size": self.templates[t].batch_size,
-            "hidden_sizes": list(hidden),
+            **template.shape,
         }
-        return self.templates[t].replace(hp=hp), info
+        if template.kind != "lm" or template.shape["model"] == "transformer":
+            info["activation"] = self.config.activations[int(hp.activation)]
+        return template.task.replace(hp=hp), info
+
+    def sample(self, key: jax.Array) -> Any:
+        """Samples a whole task (shape and numbers)."""
+        return self.sample_with_info(key)[0]
+
+    @property
+    def dataset_groups(self) -> list[list[str]]:
+        """Per template group of datasets sharing a device array (distinct groups)."""
+        return [list(g) for g in dict.fromkeys(t.datasets for t in self.templates)]
+
+
+MLPTaskFamily = TaskFamily  # the family's name before it had other kinds

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tasks.base import KeyedFn, cross_entropy
+from tasks.base import KeyedFn, chunked_sums, cross_entropy
+from tasks.classification import ACTIVATIONS, TaskHParams, apply_activation
 from tasks.text import VOCAB, TextCorpus, TextSplit, bits_per_byte
 
 RECURRENT_CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}
@@ -41,15 +42,17 @@ class RecurrentLM(nn.Module):
 
 class TransformerLM(nn.Module):
     """Pre-norm causal transformer: byte and learned position embeddings, `layers` blocks of
-    self-attention and an MLP (4× wider), a final norm and a linear readout."""
+    self-attention and an MLP (4× wider; its activation picked from `activations` by the
+    call's traced `activation` index), a final norm and a linear readout."""
 
     width: int
     layers: int = 1
     heads: int = 2
     max_len: int = 128
+    activations: tuple[str, ...] = ("gelu",)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, activation: jax.Array | int = 0) -> jax.Array:
         t = tokens.shape[-1]
         x = nn.Embed(VOCAB, self.width)(tokens)
         x = (
@@ -61,7 +64,8 @@ class TransformerLM(nn.Module):
             h = nn.LayerNorm()(x)
             x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h, mask=mask)
             h = nn.LayerNorm()(x)
-            x = x + nn.Dense(self.width)(jax.nn.gelu(nn.Dense(4 * self.width)(h)))
+            h = apply_activation(nn.Dense(4 * self.width)(h), activation, self.activations)
+            x = x + nn.Dense(self.width)(h)
         return nn.Dense(VOCAB)(nn.LayerNorm()(x))
 
 
@@ -70,23 +74,30 @@ class LanguageModelTask(struct.PyTreeNode):
 
     Attributes:
       train, valid, test: the splits on the device.
+      hp: per-task numbers: init scale (weight matrices and embeddings) and the transformer's
+        activation index (traced; the dataset index is unused).
       init_fn: `init_fn(key, tokens) -> params` (static).
-      apply_fn: `apply_fn(params, tokens) -> logits` (static).
+      apply_fn: `apply_fn(params, tokens, hp) -> logits` (static).
       batch_size, seq_len: training batch shape (static).
       num_classes: 256 (bytes).
+      eval_batch_size: windows per chunk of `full_split_metrics` (static).
     """
 
     train: TextSplit
     valid: TextSplit
     test: TextSplit
+    hp: TaskHParams
     init_fn: Callable[..., Any] = struct.field(pytree_node=False)
     apply_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
     batch_size: int = struct.field(pytree_node=False, default=32)
     seq_len: int = struct.field(pytree_node=False, default=64)
     num_classes: int = struct.field(pytree_node=False, default=VOCAB)
+    eval_batch_size: int = struct.field(pytree_node=False, default=64)
 
     def init(self, key: jax.Array) -> Any:
-        return self.init_fn(key, jnp.zeros((1, self.seq_len), jnp.int32))
+        params = self.init_fn(key, jnp.zeros((1, self.seq_len), jnp.int32))
+        # Scale weight matrices only: biases and norms keep their init.
+        return jax.tree.map(lambda p: p * self.hp.init_scale if p.ndim > 1 else p, params)
 
     def split(self, name: str) -> TextSplit:
         if name not in ("train", "valid", "test"):
@@ -98,23 +109,47 @@ class LanguageModelTask(struct.PyTreeNode):
 
     def loss(self, params: Any, batch) -> jax.Array:
         x, y = batch
-        logits = self.apply_fn(params, x)
+        logits = self.apply_fn(params, x, self.hp)
         return cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
 
     def metrics(self, params: Any, batch) -> dict[str, jax.Array]:
         x, y = batch
-        logits = self.apply_fn(params, x).reshape(-1, VOCAB)
+        logits = self.apply_fn(params, x, self.hp).reshape(-1, VOCAB)
         loss = cross_entropy(logits, y.reshape(-1))
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y.reshape(-1))
         return {"loss": loss, "accuracy": accuracy, "bits_per_byte": bits_per_byte(loss)}
 
     def full_split_metrics(self, params: Any, split: str) -> dict[str, jax.Array]:
-        """Metrics over every non-overlapping window of `seq_len + 1` bytes of the split."""
+        """Metrics over every non-overlapping window of `seq_len + 1` bytes of the split.
+
+        Computed `eval_batch_size` windows at a time (`chunked_sums`): the [windows,
+        seq_len, 256] logits of a whole split never exist at once.
+
+        Args:
+          params: the model's parameters.
+          split: 'train', 'valid' or 'test'.
+
+        Returns:
+          {'loss': mean next-byte cross-entropy in nats, 'accuracy': share of bytes
+          predicted exactly, 'bits_per_byte': the loss in bits}.
+        """
         data = self.split(split).data
         n = (data.shape[0] - 1) // self.seq_len
         x = data[: n * self.seq_len].reshape(n, self.seq_len)
         y = data[1 : n * self.seq_len + 1].reshape(n, self.seq_len)
-        return self.metrics(params, (x, y))
+
+        def per_window(batch, rows):
+            del rows  # every window counts
+            xb, yb = batch
+            logits = self.apply_fn(params, xb, self.hp)
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            nll = -jnp.take_along_axis(logp, yb[..., None], axis=-1)[..., 0]
+            return {"nll": nll, "correct": jnp.argmax(logits, -1) == yb}
+
+        sums = chunked_sums(per_window, (x, y), self.eval_batch_size)
+        loss = sums["nll"] / (n * self.seq_len)
+        accuracy = sums["correct"] / (n * self.seq_len)
+        return {"loss": loss, "accuracy": accuracy, "bits_per_byte": bits_per_byte(loss)}
 
 
 def lm_task(
@@ -126,6 +161,9 @@ def lm_task(
     batch_size: int = 32,
     seq_len: int = 64,
     heads: int = 2,
+    activations: tuple[str, ...] | list[str] = ("gelu",),
+    eval_batch_size: int = 64,
+    hp: TaskHParams | None = None,
 ) -> LanguageModelTask:
     """A byte-level language-model task.
 
@@ -137,28 +175,41 @@ def lm_task(
       layers: recurrent layers or transformer blocks.
       batch_size, seq_len: training batch shape.
       heads: attention heads (transformer).
+      activations: names the traced `hp.activation` picks from for the transformer's MLP
+        (recurrent cells keep their own nonlinearities).
+      eval_batch_size: windows per chunk of `full_split_metrics` (bounds its memory).
+      hp: per-task numbers; defaults to activation 0, init scale 1.
 
     Returns:
       The task.
     """
+    for a in activations:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
     if model in RECURRENT_CELLS:
         module: nn.Module = RecurrentLM(model, hidden, layers)
     elif model == "transformer":
-        module = TransformerLM(hidden, layers, heads, max_len=seq_len)
+        module = TransformerLM(
+            hidden, layers, heads, max_len=seq_len, activations=tuple(activations)
+        )
     else:
         raise ValueError(f"unknown language model {model!r}; known: {', '.join(MODELS)}")
 
     def init_fn(key, tokens):
         return module.init(key, tokens)["params"]
 
-    def apply_fn(params, tokens):
+    def apply_fn(params, tokens, hp):
+        if model == "transformer":
+            return module.apply({"params": params}, tokens, hp.activation)
         return module.apply({"params": params}, tokens)
 
     splits = {k: TextSplit.from_bytes(v) for k, v in corpus.splits.items()}
     return LanguageModelTask(
         **splits,
+        hp=TaskHParams.default() if hp is None else hp,
         init_fn=KeyedFn(init_fn, ("lm-init", module)),
         apply_fn=KeyedFn(apply_fn, ("lm-apply", module)),
         batch_size=batch_size,
         seq_len=seq_len,
+        eval_batch_size=eval_batch_size,
     )

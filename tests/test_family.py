@@ -80,9 +80,9 @@ def test_shape_choices_become_templates_and_dataset_index_is_respected():
     )
     # two input shapes × two widths × two batch sizes
     assert fam.num_templates == 8
-    shapes = {(t.batch_size, t.data.input_shape) for t in fam.templates}
+    shapes = {(t.task.batch_size, t.task.data.input_shape) for t in fam.templates}
     assert shapes == {(16, (12,)), (32, (12,)), (16, (20,)), (32, (20,))}
-    task = fam.templates[0]
+    task = fam.templates[0].task
     x, _ = task.sample_batch(jax.random.PRNGKey(0), "test")
     assert x.shape == (task.eval_batch_size, 12)
 

@@ -53,13 +53,39 @@ def test_full_split_metrics_are_next_byte_cross_entropy_in_bits():
     data = np.asarray(task.valid.data)
     n = (len(data) - 1) // 8
     x, y = data[: n * 8].reshape(n, 8), data[1 : n * 8 + 1].reshape(n, 8)
-    logits = np.asarray(task.apply_fn(params, jnp.asarray(x)), np.float64)
+    logits = np.asarray(task.apply_fn(params, jnp.asarray(x), task.hp), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
     logp -= logits.max(-1, keepdims=True)
     want = -np.take_along_axis(logp, y[..., None], -1).mean()
     # float32 log-softmax over 256 classes against float64: rtol 1e-5.
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(m["bits_per_byte"]), want / math.log(2), rtol=1e-5)
+
+
+def test_full_split_metrics_in_chunks_equal_the_direct_computation():
+    base = lm_task(_corpus(), "gru", hidden=8, batch_size=4, seq_len=8)
+    params = base.init(jax.random.PRNGKey(2))
+    # Direct: the model on every window of the split at once, through `metrics`.
+    data = base.valid.data
+    n = (data.shape[0] - 1) // 8
+    assert n % 5 != 0  # the last chunk of 5 windows is a partial one
+    windows = (data[: n * 8].reshape(n, 8), data[1 : n * 8 + 1].reshape(n, 8))
+    want = base.metrics(params, windows)
+    metrics = jax.jit(lambda t, p: t.full_split_metrics(p, "valid"))
+    for chunk in (1, 5, 64):
+        got = metrics(base.replace(eval_batch_size=chunk), params)
+        assert set(got) == {"loss", "accuracy", "bits_per_byte"}
+        for k in got:
+            # Same float32 numbers summed in another order (per chunk, then over chunks).
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+    # vmapped over parameters (as the evaluation vmaps seeds and learning rates).
+    stacked = jax.vmap(base.init)(jax.random.split(jax.random.PRNGKey(3), 2))
+    task = base.replace(eval_batch_size=5)
+    got = jax.jit(jax.vmap(lambda p: task.full_split_metrics(p, "valid")))(stacked)
+    for i in range(2):
+        want = base.metrics(jax.tree.map(lambda a, i=i: a[i], stacked), windows)
+        np.testing.assert_allclose(got["loss"][i], want["loss"], rtol=1e-6)
+        np.testing.assert_allclose(got["accuracy"][i], want["accuracy"], rtol=1e-6)
 
 
 def test_tasks_of_equal_shapes_share_one_compilation():

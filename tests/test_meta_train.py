@@ -24,8 +24,9 @@ from meta_train.lopt_problem import LOptProblem
 from meta_train.main import main, meta_train
 from meta_train.unroll import EpisodeSchedule
 from tasks.base import cross_entropy
-from tasks.classification import TaskHParams, mlp_task
+from tasks.classification import mlp_task
 from tasks.device_data import to_device
+from tasks.family import TaskSampler
 from tasks.synthetic import LinearQuadratic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +158,9 @@ def _one_example_per_split_problem(lopt):
     }
     task = mlp_task(to_device([splits]), [8], 3, batch_size=4, activations=("tanh",))
     task = task.replace(init_fn=_FixedInit(task.init(jax.random.PRNGKey(42))))
-    problem = LOptProblem(task, lopt, lambda key: TaskHParams.default(), loss_clip=100.0)
+    # A trivial loss of 1 leaves the meta-losses in nats, as the reference computes them.
+    sampler = TaskSampler(1, 1, (1.0, 1.0), num_tensors=4, trivial_loss=(1.0,))
+    problem = LOptProblem(task, lopt, sampler, loss_clip=100.0)
     return problem, splits
 
 
@@ -404,7 +407,7 @@ def test_two_task_groups_from_the_config(tmp_path):
     state = run.init_state()
     before = []
     for g, problem in enumerate(run.estimator.problems):
-        template = run.family.templates[run.templates[g]]
+        template = run.family.templates[run.templates[g]].task
         assert problem.task.batch_size == template.batch_size
         want = jax.tree.map(np.shape, template.init(jax.random.PRNGKey(0)))
         # Every pair and member of group g holds parameters of its own template's shape.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ from lopt.mlp_lopt import MLPLOpt
 from meta_train.config import EvalConfig
 from tasks.classification import TaskHParams, mlp_task
 from tasks.device_data import to_device
+from tasks.language import lm_task
+from tasks.text import TextCorpus, split_blocks
 
 DIM = 40
 
@@ -289,3 +292,71 @@ def test_tasks_given_as_pairs_are_all_used():
     pairs = [("task-a", {"name": "a"}), ("task-b", {"name": "b"})]
     got = suite._sample_tasks(pairs, num_tasks=5, key=jax.random.PRNGKey(0))
     assert [info["name"] for _, info in got] == ["a", "b"]
+
+
+def _lm_task():
+    # 1,800 bytes: valid and test splits of 90 bytes, 11 windows of 8 + 1 bytes each.
+    text = b"the quick brown fox jumps over the lazy dog. " * 40
+    corpus = TextCorpus("tiny", split_blocks(np.frombuffer(text, np.uint8)), "test")
+    return lm_task(corpus, "rnn", hidden=8, batch_size=4, seq_len=8)
+
+
+def test_run_suite_mixing_kinds_gives_one_table_per_kind(tmp_path):
+    pairs = [
+        (_task(0), {"dataset": "blobs0", "kind": "mlp"}),
+        (_lm_task(), {"dataset": "tiny", "kind": "lm"}),
+    ]
+    config = EvalConfig(num_tasks=2, num_seeds=2, num_steps=5, adam_lrs=(1e-2,), eval_every=5)
+    res = suite.run_suite(
+        pairs, {"sgd": lambda n: optax.sgd(0.1)}, config, jax.random.PRNGKey(0), str(tmp_path), 5
+    )
+    names = res["optimizers"]
+    by_kind = res["summary_by_kind"]
+    assert list(by_kind) == ["mlp", "lm"]  # in order of first appearance
+    for kind in by_kind:
+        assert all(by_kind[kind][n]["runs"] == 2 for n in names)  # 1 task × 2 seeds
+    assert all(res["summary"][n]["runs"] == 4 for n in names)  # the overall summary stays
+    # Bits per byte only where the task reports it, and never averaged with classification.
+    assert "final_test_bits_per_byte" in by_kind["lm"]["sgd"]
+    assert "final_test_bits_per_byte" not in by_kind["mlp"]["sgd"]
+    assert "final_test_bits_per_byte" not in res["summary"]["sgd"]
+    lm_seeds = res["tasks"][1]["optimizers"]["sgd"]["seeds"]
+    for split in ("train", "valid", "test"):
+        bpb = np.asarray(lm_seeds[f"final_{split}_bits_per_byte"])
+        loss = np.asarray(lm_seeds[f"final_{split}_loss"])
+        # float32 loss / ln 2, both stored as shortest float32 decimals: 1e-6 relative.
+        np.testing.assert_allclose(bpb, loss / math.log(2), rtol=1e-6)
+    assert "final_test_bits_per_byte" not in res["tasks"][0]["optimizers"]["sgd"]["seeds"]
+    lm = by_kind["lm"]["sgd"]
+    assert lm["final_test_bits_per_byte"]["mean"] == pytest.approx(
+        lm["final_test_loss"]["mean"] / math.log(2), rel=1e-6
+    )
+
+    table = res["table"]
+    assert "### kind: mlp (1 task)" in table and "### kind: lm (1 task)" in table
+    mlp_part, lm_part = table.split("### kind: lm")
+    assert "test acc" in mlp_part and "bits/byte" not in mlp_part
+    assert "test bits/byte" in lm_part and "test acc" not in lm_part
+    lm_rows = [ln for ln in lm_part.splitlines() if ln.startswith("| sgd |")]
+    cells = [c.strip() for c in lm_rows[0].strip("|").split("|")]
+    bpb = lm["final_test_bits_per_byte"]
+    assert cells[5] == f"{bpb['mean']:.4f} ± {bpb['std']:.4f}"
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert suite.format_table(loaded) == table
+    assert table in (tmp_path / "results.md").read_text()
+
+    # Tasks of one kind keep the single table, with that kind's columns.
+    only_lm = {
+        "optimizers": names,
+        "labels": res["labels"],
+        "summary": by_kind["lm"],
+        "summary_by_kind": {"lm": by_kind["lm"]},
+    }
+    single = suite.format_table(only_lm)
+    assert "### kind" not in single and "test bits/byte" in single
+
+    from matplotlib.figure import Figure  # noqa: PLC0415 - slow import, this test only
+
+    ax = Figure().subplots()
+    suite._plot_task(ax, loaded["tasks"][1], 1, names, np.asarray(loaded["eval_steps"]), 1)
+    assert ax.get_title() == "task 1: kind=lm, dataset=tiny"
