@@ -96,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lopt.export import as_optax, load_optax  # noqa: PLC0415
     from meta_train.build import HELD_OUT_STREAM  # noqa: PLC0415
     from meta_train.checkpoint import load_theta  # noqa: PLC0415
-    from tasks.family import MLPTaskFamily  # noqa: PLC0415
+    from tasks.family import TaskFamily  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint)
     _, saved = load_theta(str(ckpt), step=args.step)
@@ -119,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     eval_cfg = dataclasses.replace(config.eval, num_steps=num_steps)
     out = _out_dir(args, ckpt.resolve().parent, eval_cfg, saved_eval)
-    family = MLPTaskFamily(config.task_family)
+    family = TaskFamily(config.task_family)
     key = jax.random.fold_in(jax.random.PRNGKey(config.run.seed), HELD_OUT_STREAM)
     results = run_suite(family, {"learned": factory}, eval_cfg, key, str(out), num_steps)
     print(results["table"])

@@ -43,7 +43,7 @@ from meta_train.config import load_config
 from meta_train.devices import use_cpu_cores
 from meta_train.learner import outer_step
 from tasks.datasets import Dataset, DatasetNotFoundError
-from tasks.family import MLPTaskFamily
+from tasks.family import TaskFamily
 
 REFERENCE = [
     "task_family.hidden_sizes=[[32]]",
@@ -151,17 +151,17 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
     learned optimizer (untrained, the default per-parameter MLP) and with Adam.
 
     One inner step is the task's loss gradient on a sampled batch plus the optimizer update,
-    run as a jitted `lax.scan` of `steps` steps (one unroll, no estimator). Images are random
-    (speed does not depend on pixel values); text is the offline `pydoc` corpus.
+    run as a jitted `lax.scan` of `steps` steps (one unroll, no estimator). Tasks are built
+    by the same functions as the task families' (`mlp_task`, `conv_task`, `lm_task`). Images
+    are random (speed does not depend on pixel values); text is the offline `pydoc` corpus.
     """
     import optax  # noqa: PLC0415
 
     from lopt.export import as_optax  # noqa: PLC0415
     from lopt.mlp_lopt import MLPLOpt  # noqa: PLC0415
     from meta_train.jit import jit  # noqa: PLC0415
-    from tasks.base import KeyedFn  # noqa: PLC0415
-    from tasks.classification import ClassificationTask, TaskHParams, mlp_task  # noqa: PLC0415
-    from tasks.conv import ConvNet  # noqa: PLC0415
+    from tasks.classification import mlp_task  # noqa: PLC0415
+    from tasks.conv import conv_task  # noqa: PLC0415
     from tasks.device_data import to_device  # noqa: PLC0415
     from tasks.language import lm_task  # noqa: PLC0415
     from tasks.text import load_text  # noqa: PLC0415
@@ -174,20 +174,13 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
 
         return to_device([{"train": split(2048), "valid": split(256), "test": split(256)}])
 
-    convnet = ConvNet((16, 32), (3, 3), (2, 2), 10)
-    conv_task = ClassificationTask(
-        data=images((28, 28, 1)),
-        hp=TaskHParams.default(),
-        init_fn=KeyedFn(lambda k, x: convnet.init(k, x)["params"], ("speed-conv", convnet)),
-        apply_fn=KeyedFn(
-            lambda p, x, hp: convnet.apply({"params": p}, x), ("speed-conv-apply", convnet)
-        ),
-        batch_size=128,
-    )
     text = load_text("pydoc")
     kinds = [
         ("MLP 784-128-128-10, batch 128", mlp_task(images((28, 28, 1)), [128, 128], 10)),
-        ("ConvNet 16-32 (3x3, stride 2), 28x28x1, batch 128", conv_task),
+        (
+            "ConvNet 16-32 (3x3, stride 2), 28x28x1, batch 128",
+            conv_task(images((28, 28, 1)), (16, 32), (3, 3), (2, 2), 10, batch_size=128),
+        ),
         ("LSTM LM 128 hidden, seq 64, batch 32", lm_task(text, "lstm", hidden=128)),
         (
             "Transformer LM 2x128, seq 64, batch 32",
@@ -431,10 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
         None, REFERENCE + [f"task_family.datasets=['{args.dataset}']"] + args.overrides
     )
     try:
-        family = MLPTaskFamily(config.task_family)
+        family = TaskFamily(config.task_family)
         data_note = f"{args.dataset} resized to 8x8"
     except DatasetNotFoundError:
-        family = MLPTaskFamily(config.task_family, [_synthetic_8x8(args.dataset)])
+        family = TaskFamily(config.task_family, [_synthetic_8x8(args.dataset)])
         data_note = f"random 8x8 images ({args.dataset} not found)"
     run = build_run(config, family)
     m = config.meta

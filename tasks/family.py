@@ -130,9 +130,6 @@ class FamilyConfig:
             raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
 
 
-MLPFamilyConfig = FamilyConfig  # the family's name before it had other kinds
-
-
 class TaskDraw(struct.PyTreeNode):
     """The traced numbers of one sampled task: the template's `TaskHParams` and the
     augmentations' numbers (None where the augmentation is off)."""
@@ -448,6 +445,3 @@ class TaskFamily:
     def dataset_groups(self) -> list[list[str]]:
         """Per template group of datasets sharing a device array (distinct groups)."""
         return [list(g) for g in dict.fromkeys(t.datasets for t in self.templates)]
-
-
-MLPTaskFamily = TaskFamily  # the family's name before it had other kinds

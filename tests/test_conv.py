@@ -1,5 +1,7 @@
 """The im2col convolution computes XLA's convolution; the ConvNet built on it trains."""
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from tasks.conv import ConvNet, conv2d, same_padding, xla_conv2d
+from evaluate.suite import train
+from lopt.export import load_optax
+from tasks.conv import ConvNet, conv2d, conv_task, same_padding, xla_conv2d
+from tasks.device_data import to_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -106,3 +113,39 @@ def test_convnet_trains_on_a_tiny_problem():
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.3
+
+
+def _halves_data(n=256, hw=12, seed=0):
+    # Class = which half of the image is brighter, as above, as on-device splits.
+    rng = np.random.default_rng(seed)
+
+    def split(m):
+        y = rng.integers(0, 2, m).astype(np.int32)
+        x = rng.normal(size=(m, hw, hw, 1)).astype(np.float32)
+        x[np.arange(m), :, : hw // 2, 0] += np.where(y == 0, 1.5, 0.0)[:, None, None]
+        x[np.arange(m), :, hw // 2 :, 0] += np.where(y == 1, 1.5, 0.0)[:, None, None]
+        return x, y
+
+    return to_device([{"train": split(n), "valid": split(64), "test": split(64)}])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "learned"])
+def test_conv_task_trains_with_adam_and_with_the_learned_optimizer(optimizer):
+    task = conv_task(_halves_data(), (8, 8), (3, 3), (2, 2), 2, batch_size=32)
+    if optimizer == "adam":
+        tx = optax.adam(1e-2)
+    else:  # the shipped optimizer (meta-trained on MNIST-1D MLPs): outside its family
+        tx, _, _ = load_optax(str(ROOT / "checkpoints" / "mnist1d-mlp-pes"), num_steps=100)
+    out = train(task, tx, 100, jax.random.PRNGKey(0), 100)
+    curve = np.asarray(out["train_curve"])
+    assert not bool(out["diverged"])
+    assert curve[-10:].mean() < 0.7 * curve[:5].mean()
+    assert float(out["final_test_accuracy"]) > 0.8
+
+
+def test_conv_task_refuses_inputs_that_are_not_images():
+    rng = np.random.default_rng(0)
+    split = (rng.normal(size=(8, 40)).astype(np.float32), np.zeros(8, np.int32))
+    data = to_device([{"train": split, "valid": split, "test": split}])
+    with pytest.raises(ValueError, match=r"needs images \[H, W, C\]"):
+        conv_task(data, (4, 4), (3, 3), (2, 2), 2)

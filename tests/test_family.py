@@ -8,7 +8,7 @@ import pytest
 from tasks.classification import mlp_task
 from tasks.datasets import Dataset
 from tasks.device_data import to_device
-from tasks.family import MLPFamilyConfig, MLPTaskFamily
+from tasks.family import FamilyConfig, TaskFamily
 
 
 def _blobs(n, d=12, classes=3, seed=0):
@@ -52,8 +52,8 @@ def test_k_step_unroll_is_one_scan_with_batches_sampled_inside():
 
 
 def test_sampling_tasks_of_equal_shapes_does_not_recompile():
-    fam = MLPTaskFamily(
-        MLPFamilyConfig(
+    fam = TaskFamily(
+        FamilyConfig(
             datasets=("a", "b"), activations=("relu", "tanh", "gelu"), init_scale=(0.5, 2.0)
         ),
         [_dataset("a", 0), _dataset("b", 10)],
@@ -74,8 +74,8 @@ def test_sampling_tasks_of_equal_shapes_does_not_recompile():
 
 
 def test_shape_choices_become_templates_and_dataset_index_is_respected():
-    fam = MLPTaskFamily(
-        MLPFamilyConfig(datasets=("a", "wide"), hidden_sizes=((8,), (4, 4)), batch_sizes=(16, 32)),
+    fam = TaskFamily(
+        FamilyConfig(datasets=("a", "wide"), hidden_sizes=((8,), (4, 4)), batch_sizes=(16, 32)),
         [_dataset("a", 0), _dataset("wide", 5, d=20)],
     )
     # two input shapes × two widths × two batch sizes
@@ -109,6 +109,142 @@ def test_full_split_metrics_cover_only_the_tasks_dataset():
 
 
 def test_default_family_builds_offline_from_mnist1d():
-    fam = MLPTaskFamily(MLPFamilyConfig())
+    fam = TaskFamily(FamilyConfig())
     task = fam.sample(jax.random.PRNGKey(0))
     assert task.data.input_shape == (40,) and task.num_classes == 10
+
+
+def _kinds_config(**kw):
+    base = dict(
+        kinds=("mlp", "conv", "lm"),
+        datasets=("mnist1d",),
+        hidden_sizes=((8,),),
+        batch_sizes=(8,),
+        conv_datasets=("fashion_mnist",),
+        conv_channels=((4, 4), (4, 4, 8)),
+        conv_strides=((2, 2), (2, 1, 2)),
+        conv_batch_sizes=(8,),
+        lm_models=("lstm", "transformer"),
+        lm_hidden=(8,),
+        lm_seq_lens=(8,),
+        lm_batch_sizes=(4,),
+        activations=("relu", "tanh"),
+        init_scale=(0.5, 2.0),
+    )
+    return FamilyConfig(**{**base, **kw})
+
+
+def test_a_family_of_every_kind_samples_each_with_traced_numbers():
+    from mixed_data import mixed_family  # noqa: PLC0415
+
+    class _C:  # mixed_family reads config.task_family
+        task_family = _kinds_config()
+
+    fam = mixed_family(_C)
+    assert [t.kind for t in fam.templates] == ["mlp", "conv", "conv", "lm", "lm"]
+    assert fam.kinds == ["mlp", "conv", "lm"]
+    conv = fam.templates[2]
+    assert conv.shape["channels"] == [4, 4, 8] and conv.shape["strides"] == [2, 1, 2]
+    # The trivial-predictor loss is the label (byte) entropy of the training data.
+    for t in fam.templates:
+        (trivial,) = t.sampler.trivial_loss
+        if t.kind == "lm":
+            counts = np.bincount(np.asarray(t.task.train.data), minlength=256)
+        else:
+            counts = np.bincount(np.asarray(t.task.data.train.y), minlength=3)
+        p = counts[counts > 0] / counts.sum()
+        np.testing.assert_allclose(trivial, -(p * np.log(p)).sum(), rtol=1e-9)
+
+    @jax.jit
+    def first_loss(task, key):
+        return task.loss(task.init(key), task.sample_batch(key))
+
+    kinds, per_template = set(), {}
+    for i in range(24):
+        task, info = fam.sample_with_info(jax.random.PRNGKey(i))
+        kinds.add(info["kind"])
+        per_template.setdefault(info["template"], set()).add(
+            (info.get("activation"), info["init_scale"])
+        )
+        assert np.isfinite(float(first_loss(task, jax.random.PRNGKey(i))))
+    assert kinds == {"mlp", "conv", "lm"}
+    # One compilation per template visited, however many tasks of it were drawn.
+    assert first_loss._cache_size() == len(per_template)
+    assert max(len(v) for v in per_template.values()) > 1
+
+
+def test_conv_kind_refuses_datasets_that_are_not_images():
+    with pytest.raises(ValueError, match="not images"):
+        TaskFamily(_kinds_config(kinds=("conv",), conv_datasets=("a",)), [_dataset("a")])
+
+
+def test_sampler_draws_augmentations_only_when_switched_on_and_they_act_as_stated():
+    from tasks.augment import LabelNoise, LossScaled, Reparameterised  # noqa: PLC0415
+
+    data = [_dataset("a")]
+    plain = TaskFamily(_kinds_config(kinds=("mlp",), datasets=("a",)), data).templates[0]
+    draw = plain.sampler(jax.random.PRNGKey(0))
+    assert draw.reparam is None and draw.loss_scale is None and draw.label_noise is None
+    assert plain.sampler.task(plain.task, draw) == plain.task.replace(hp=draw.hp)
+
+    cfg = _kinds_config(
+        kinds=("mlp",),
+        datasets=("a",),
+        reparam_scale=(0.1, 10.0),
+        loss_scale=(0.2, 5.0),
+        label_noise=0.3,
+    )
+    t = TaskFamily(cfg, data).templates[0]
+    draw = t.sampler(jax.random.PRNGKey(1))
+    # The base numbers are drawn exactly as without augmentation (held-out tasks unchanged).
+    assert jax.tree.map(float, draw.hp) == jax.tree.map(
+        float, plain.sampler(jax.random.PRNGKey(1)).hp
+    )
+    assert draw.reparam.shape == (4,) and bool(
+        jnp.all((draw.reparam >= 0.1) & (draw.reparam <= 10))
+    )
+    assert 0.2 <= float(draw.loss_scale) <= 5.0 and 0 <= float(draw.label_noise) <= 0.3
+    task = t.sampler.task(t.task, draw)
+    assert isinstance(task, Reparameterised) and isinstance(task.task, LossScaled)
+    assert isinstance(task.task.task, LabelNoise)
+    # Gradients w.r.t. the trained w = p / c are s · c · ∂L/∂p (on clean labels: one batch
+    # of the base task, since label noise only changes which labels are drawn).
+    base = t.task.replace(hp=draw.hp)
+    key = jax.random.PRNGKey(2)
+    p = base.init(key)
+    w = task.init(key)
+    batch = base.sample_batch(key)
+    g_w = jax.grad(task.loss)(w, batch)
+    g_p = jax.grad(base.loss)(p, batch)
+    s = float(draw.loss_scale)
+    for gw, gp, c in zip(jax.tree.leaves(g_w), jax.tree.leaves(g_p), draw.reparam, strict=True):
+        # float32 chains of two scalings: 1e-4 relative, plus a floor at the tensor's scale.
+        np.testing.assert_allclose(gw, s * float(c) * gp, rtol=1e-4, atol=1e-6 * s * float(c))
+    # The meta-loss sees the task's own loss: the scale divided out.
+    np.testing.assert_allclose(
+        t.sampler.unscaled(draw, task.loss(w, batch)), base.loss(p, batch), rtol=1e-5
+    )
+
+
+def test_conv_family_on_colour_cifar10_files_from_the_data_dir(tmp_path, monkeypatch):
+    from test_datasets import write_cifar  # noqa: PLC0415 - CIFAR-10 python pickles
+
+    write_cifar(tmp_path / "cifar10")
+    monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path / "cache"))
+    config = _kinds_config(
+        kinds=("conv",),
+        conv_datasets=("cifar10",),
+        grayscale=False,
+        data_dir=str(tmp_path),
+        valid_size=0.2,
+        conv_channels=((4, 4),),
+        conv_strides=((2, 2),),
+    )
+    fam = TaskFamily(config)
+    (template,) = fam.templates
+    assert template.shape["input"] == [32, 32, 3] and template.datasets == ("cifar10",)
+    task, info = fam.sample_with_info(jax.random.PRNGKey(0))
+    assert info["kind"] == "conv" and info["dataset"] == "cifar10"
+    params = task.init(jax.random.PRNGKey(1))
+    assert params["conv0_kernel"].shape == (3, 3, 3, 4)  # colour in, HWIO
+    assert np.isfinite(float(task.loss(params, task.sample_batch(jax.random.PRNGKey(2)))))

@@ -2,18 +2,18 @@
 numbers as the fused one), and a mixed-family run that visits every kind, stays within the
 compile bound and resumes exactly."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
+from mixed_data import mixed_family
 
 from meta_train.build import build_run
 from meta_train.config import load_config
 from meta_train.groups import TemplateSchedule
 from meta_train.learner import grouped_outer_step, outer_step
 from meta_train.main import meta_train
-from tasks.datasets import Dataset
-from tasks.family import TaskFamily
-from tasks.text import TextCorpus, split_blocks
 
 
 def test_schedule_visits_every_template_and_switches_one_group_at_a_time():
@@ -41,36 +41,6 @@ def test_schedule_visits_every_template_and_switches_one_group_at_a_time():
     # Without switching, groups keep their first templates.
     fixed = TemplateSchedule(7, 3, 0, 0)
     assert fixed.templates_at(1000) == fixed.templates_at(0) and fixed.switching_group(9) is None
-
-
-def _blobs(n, d, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n).astype(np.int32)
-    centers = rng.standard_normal((classes, d)) * 3
-    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
-
-
-def _images(n, seed=0):
-    x, y = _blobs(n, 8 * 8, seed=seed)
-    return x.reshape(n, 8, 8, 1), y
-
-
-def _family(config):
-    vectors = Dataset(
-        "mnist1d",
-        {"train": _blobs(200, 12), "valid": _blobs(40, 12, seed=1), "test": _blobs(40, 12, seed=2)},
-        3,
-        "test",
-    )
-    images = Dataset(
-        "fashion_mnist",
-        {"train": _images(200), "valid": _images(40, 1), "test": _images(40, 2)},
-        3,
-        "test",
-    )
-    text = b"the quick brown fox jumps over the lazy dog. " * 60
-    corpus = TextCorpus("tiny", split_blocks(np.frombuffer(text, np.uint8)), "test")
-    return TaskFamily(config.task_family, [vectors, images], [corpus])
 
 
 MIXED = [
@@ -105,7 +75,7 @@ MIXED = [
 
 def _mixed_run(out_dir, *extra):
     config = load_config(None, [*MIXED, f"run.out_dir='{out_dir}'", *extra])
-    return build_run(config, _family(config))
+    return build_run(config, mixed_family(config))
 
 
 def test_mixed_run_visits_every_kind_within_the_compile_bound_and_resumes_exactly(tmp_path):
@@ -149,3 +119,48 @@ def test_grouped_step_gives_the_numbers_of_the_fused_step(tmp_path):
     for x, y in zip(jax.tree.leaves(a.theta), jax.tree.leaves(b.theta), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
     assert float(ma["meta_loss"]) == pytest.approx(float(mb["meta_loss"]), rel=1e-5)
+
+
+def _fashion_mnist_missing() -> bool:
+    from tasks.datasets import DatasetNotFoundError, load_dataset  # noqa: PLC0415
+
+    try:
+        load_dataset("fashion_mnist", resolution=14)
+    except DatasetNotFoundError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(_fashion_mnist_missing(), reason="Fashion-MNIST is not installed")
+def test_readme_mixed_command_runs_and_evaluates_every_kind(tmp_path, capsys):
+    import shlex  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from meta_train.main import main  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    (line,) = [
+        ln
+        for ln in readme.splitlines()
+        if ln.startswith("python -m meta_train.main --config configs/mixed.toml")
+    ]
+    args = shlex.split(line.split("#")[0])[3:]
+    # The README's command, shortened: 3 outer steps, a short evaluation of 3 held-out tasks.
+    small = [
+        f"run.out_dir='{tmp_path}'",
+        "run.wandb_mode=disabled",
+        "meta.outer_steps=3",
+        "meta.switch_every=1",
+        "eval.num_tasks=3",
+        "eval.num_seeds=1",
+        "eval.num_steps=10",
+        "eval.adam_lrs=[1e-3]",
+    ]
+    assert main([*args, *small]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    kinds = {t["info"]["kind"] for t in results["tasks"]}
+    assert kinds and set(results["summary_by_kind"]) == kinds
+    if len(kinds) > 1:
+        assert "### kind:" in out

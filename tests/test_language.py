@@ -36,10 +36,11 @@ def test_every_model_kind_trains_with_adam(model):
     assert curve[-10:].mean() < 0.6 * curve[:5].mean()
 
 
-def test_the_shipped_learned_optimizer_trains_a_recurrent_lm():
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_the_shipped_learned_optimizer_trains_a_language_model(model):
     # Meta-trained on MNIST-1D MLPs only: a language model is far outside its family.
     tx, _, _ = load_optax(str(ROOT / "checkpoints" / "mnist1d-mlp-pes"), num_steps=100)
-    task = lm_task(_corpus(), "gru", hidden=32, batch_size=8, seq_len=16)
+    task = lm_task(_corpus(), model, hidden=32, batch_size=8, seq_len=16)
     out = train(task, tx, 100, jax.random.PRNGKey(1), 100)
     curve = np.asarray(out["train_curve"])
     assert not bool(out["diverged"]) and curve[-10:].mean() < curve[:5].mean() - 0.2
