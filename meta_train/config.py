@@ -333,8 +333,8 @@ class MetaConfig:
       outer_steps: outer (meta) steps.
       outer_lr: learning rate of the outer Adam.
       grad_clip: global-norm clip of the meta-gradient.
-      loss_clip: clip normalised task losses (the loss divided by the loss of the best
-        constant predictor, see `meta_train.lopt_problem`) at this value (NaN maps to it).
+      loss_clip: clip normalised task losses (the loss divided by ln(num_classes), the
+        uniform predictor's, see `meta_train.lopt_problem`) at this value (NaN maps to it).
       task_groups: how many task shapes (templates) are in play at once; the particles are
         split into this many groups, each training tasks of one template.
       switch_every: every this many outer steps one group, in turn, takes the next

@@ -3,9 +3,9 @@
 The problem is a pytree (the task template's data are leaves), so it enters jit as an
 argument: sampled tasks of one shape share one compilation.
 
-Meta-losses are normalised: a task's loss divided by the loss of the best constant
-predictor on its training data (`tasks.family.TaskSampler.normaliser`), so 1.0 means "no
-better than predicting the label (or byte) frequencies" whatever the kind, and groups of
+Meta-losses are normalised: a task's loss divided by the loss of the uniform predictor,
+ln(number of classes) (`tasks.family.TaskSampler.normaliser`), so every task starts near
+1.0 whatever its kind (10-way classification or 256-way next-byte prediction) and groups of
 different kinds enter one meta-gradient on one scale.
 """
 
@@ -39,8 +39,8 @@ class LOptProblem(struct.PyTreeNode):
       lopt: the learned optimizer (static).
       sampler: the template's `TaskSampler` (static, traceable).
       loss_clip: normalised losses are clipped at this value and NaN/inf maps to it,
-        following practice for ES on learned optimizers (1.5: half again the loss of a
-        constant predictor).
+        following practice for ES on learned optimizers (1.5: half again the loss of the
+        uniform predictor).
     """
 
     task: Any

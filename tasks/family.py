@@ -12,15 +12,17 @@ reparameterisation (`reparam_scale`), loss rescaling (`loss_scale`) and label no
 (`label_noise`); see `tasks.augment`. Augmentations shape what meta-training sees;
 `sample_with_info` (held-out evaluation tasks) returns the task without them.
 
-Each template also carries the loss of the best constant predictor on its training data
-(the entropy of the label or byte marginal, in nats): dividing losses by it puts kinds of
-different units (10-way classification, 256-way next-byte prediction) on one scale.
+Each template also carries the loss of the uniform predictor, ln(number of classes), which
+a freshly initialised network starts near: dividing losses by it puts kinds of different
+units (10-way classification, 256-way next-byte prediction) on one scale, where every task
+starts near 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,7 +158,7 @@ class TaskSampler:
       num_datasets: datasets `hp.dataset` picks from.
       init_scale: (low, high), log-uniform.
       num_tensors: parameter tensors of the template (one reparameterisation scale each).
-      trivial_loss: per dataset, the loss of the best constant predictor (nats).
+      loss_norm: the loss of the uniform predictor, ln(num_classes) (nats).
       reparam_scale, loss_scale, label_noise: the augmentations (see `FamilyConfig`).
     """
 
@@ -164,7 +166,7 @@ class TaskSampler:
     num_datasets: int
     init_scale: tuple[float, float]
     num_tensors: int
-    trivial_loss: tuple[float, ...]
+    loss_norm: float
     reparam_scale: tuple[float, ...] = ()
     loss_scale: tuple[float, ...] = ()
     label_noise: float = 0.0
@@ -208,17 +210,9 @@ class TaskSampler:
         return loss if draw.loss_scale is None else loss / draw.loss_scale
 
     def normaliser(self, draw: TaskDraw) -> jax.Array:
-        """The trivial-predictor loss of the draw's dataset (losses divided by it are
-        comparable across kinds)."""
-        return jnp.asarray(self.trivial_loss, jnp.float32)[draw.hp.dataset]
-
-
-def marginal_entropy(labels: np.ndarray, num_classes: int) -> float:
-    """Entropy (nats) of the empirical distribution of `labels`: the cross-entropy of the
-    best constant predictor."""
-    p = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes) / labels.size
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+        """What the draw's losses are divided by to be comparable across kinds."""
+        del draw  # one number per template (the classes do not depend on the draw)
+        return jnp.float32(self.loss_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +286,7 @@ class TaskFamily:
         picked = [given[n] for n in names if n in given]
         return picked or list(given.values())
 
-    def _sampler(self, num_activations: int, num_datasets: int, task: Any, trivial) -> TaskSampler:
+    def _sampler(self, num_activations: int, num_datasets: int, task: Any) -> TaskSampler:
         c = self.config
         tensors = len(jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0))))
         return TaskSampler(
@@ -300,7 +294,7 @@ class TaskFamily:
             num_datasets,
             tuple(c.init_scale),
             tensors,
-            tuple(trivial),
+            math.log(task.num_classes),
             tuple(c.reparam_scale),
             tuple(c.loss_scale),
             float(c.label_noise),
@@ -317,7 +311,6 @@ class TaskFamily:
             data = to_device([d.splits for d in group])
             nc = group[0].num_classes
             names = tuple(d.name for d in group)
-            trivial = [marginal_entropy(d.splits["train"][1], nc) for d in group]
             if kind == "mlp":
                 shapes = [
                     (
@@ -357,14 +350,14 @@ class TaskFamily:
                     )
                 ]
             for shape, task in shapes:
-                sampler = self._sampler(len(c.activations), len(group), task, trivial)
+                sampler = self._sampler(len(c.activations), len(group), task)
                 self.templates.append(
                     Template(kind, task, sampler, names, {"input": list(data.input_shape), **shape})
                 )
 
     def _add_language_models(self, corpora: Sequence[Any] | None) -> None:
         from tasks.language import lm_task  # noqa: PLC0415
-        from tasks.text import VOCAB, load_text  # noqa: PLC0415
+        from tasks.text import load_text  # noqa: PLC0415
 
         c = self.config
         texts = (
@@ -373,7 +366,6 @@ class TaskFamily:
             else [load_text(n, c.data_dir or None) for n in c.lm_corpora]
         )
         for corpus in texts:
-            trivial = [marginal_entropy(corpus.splits["train"], VOCAB)]
             for model, hidden, layers, seq, bs in itertools.product(
                 c.lm_models, c.lm_hidden, c.lm_layers, c.lm_seq_lens, c.lm_batch_sizes
             ):
@@ -396,9 +388,7 @@ class TaskFamily:
                     "batch_size": bs,
                 }
                 self.templates.append(
-                    Template(
-                        "lm", task, self._sampler(acts, 1, task, trivial), (corpus.name,), shape
-                    )
+                    Template("lm", task, self._sampler(acts, 1, task), (corpus.name,), shape)
                 )
 
     # ------------------------------------------------------------------------- sampling

@@ -26,4 +26,3 @@ def _drop_compiled_programs():
     import jax  # noqa: PLC0415 - after the device count is set above
 
     jax.clear_caches()
-

@@ -111,14 +111,17 @@ def test_grouped_step_gives_the_numbers_of_the_fused_step(tmp_path):
     run = _mixed_run(tmp_path, "meta.switch_every=0", "meta.task_groups=2")
     estimators = [run.group_estimator(t) for t in run.templates]
     a, b = run.init_state(), run.init_state()
-    for _ in range(2):
-        a, ma = outer_step(run.estimator, a, run.outer_opt)
-        b, mb = grouped_outer_step(estimators, b, run.outer_opt)
-    # Separate compilations may fuse float32 sums differently: rtol 1e-4 on θ after two
-    # Adam steps of size ~1e-3 (exact agreement is not promised across programs).
-    for x, y in zip(jax.tree.leaves(a.theta), jax.tree.leaves(b.theta), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+    a, ma = outer_step(run.estimator, a, run.outer_opt)
+    b, mb = grouped_outer_step(estimators, b, run.outer_opt)
+    # Separate compilations may order float32 sums differently, and ES divides loss
+    # differences of ~1e-3 by 2σ²: agreement to 1e-3 of the gradient's largest entry
+    # (exact agreement is not promised across programs).
+    g_a, g_b = np.asarray(a.last_grad), np.asarray(b.last_grad)
+    np.testing.assert_allclose(g_a, g_b, rtol=0, atol=1e-3 * np.abs(g_a).max())
     assert float(ma["meta_loss"]) == pytest.approx(float(mb["meta_loss"]), rel=1e-5)
+    # The rest of the state (particles, PES accumulators) is the same to float32 rounding.
+    for x, y in zip(jax.tree.leaves(a.est_state), jax.tree.leaves(b.est_state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def _fashion_mnist_missing() -> bool:
@@ -164,3 +167,23 @@ def test_readme_mixed_command_runs_and_evaluates_every_kind(tmp_path, capsys):
     assert kinds and set(results["summary_by_kind"]) == kinds
     if len(kinds) > 1:
         assert "### kind:" in out
+
+
+def test_meta_losses_are_normalised_by_the_uniform_predictors_loss(tmp_path):
+    run = _mixed_run(tmp_path)
+    theta = run.lopt.init_meta(jax.random.PRNGKey(0))
+    for t, template in enumerate(run.family.templates):
+        problem = run.problem(t)
+        inner = problem.reset(theta, jax.random.PRNGKey(t), jax.numpy.int32(20))
+        key = jax.random.PRNGKey(100 + t)
+        _, meta, finite = problem.step(theta, inner, key)
+        # The same step by hand: the augmented task's loss, unscaled, over ln(classes).
+        task = template.sampler.task(template.task, inner.draw)
+        batch = task.sample_batch(key)
+        loss = template.sampler.unscaled(inner.draw, task.loss(inner.params, batch))
+        want = float(loss) / np.log(task.num_classes)
+        assert bool(finite) and want < problem.loss_clip
+        # float32 division of the same float32 loss: within 1e-6.
+        np.testing.assert_allclose(meta, want, rtol=1e-6)
+        # A fresh network predicts about uniformly: every kind starts near 1.
+        assert 0.7 < float(meta) < 1.3, (template.kind, float(meta))

@@ -158,8 +158,8 @@ def _one_example_per_split_problem(lopt):
     }
     task = mlp_task(to_device([splits]), [8], 3, batch_size=4, activations=("tanh",))
     task = task.replace(init_fn=_FixedInit(task.init(jax.random.PRNGKey(42))))
-    # A trivial loss of 1 leaves the meta-losses in nats, as the reference computes them.
-    sampler = TaskSampler(1, 1, (1.0, 1.0), num_tensors=4, trivial_loss=(1.0,))
+    # A normaliser of 1 leaves the meta-losses in nats, as the reference computes them.
+    sampler = TaskSampler(1, 1, (1.0, 1.0), num_tensors=4, loss_norm=1.0)
     problem = LOptProblem(task, lopt, sampler, loss_clip=100.0)
     return problem, splits
 
