@@ -160,10 +160,32 @@ def mlp_task(
     Returns:
       A `ClassificationTask`.
     """
-    for a in activations:
+    check_activations(activations)
+    module = _MLP(tuple(hidden_sizes), num_classes, tuple(activations))
+    return module_task(module, data, num_classes, batch_size=batch_size, hp=hp, name="mlp")
+
+
+def check_activations(names: Sequence[str]) -> None:
+    """Raises ValueError naming an unknown activation."""
+    for a in names:
         if a not in ACTIVATIONS:
             raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
-    module = _MLP(tuple(hidden_sizes), num_classes, tuple(activations))
+
+
+def module_task(
+    module: nn.Module,
+    data: DeviceData,
+    num_classes: int,
+    *,
+    batch_size: int = 128,
+    hp: TaskHParams | None = None,
+    name: str = "module",
+) -> ClassificationTask:
+    """A `ClassificationTask` of a flax module called as `module(x, activation_index)`.
+
+    Tasks built from equal modules compare equal (their functions are keyed by the module),
+    so they share compilations.
+    """
 
     def init_fn(key, x):
         return module.init(key, x, jnp.int32(0))["params"]
@@ -174,8 +196,8 @@ def mlp_task(
     return ClassificationTask(
         data=data,
         hp=TaskHParams.default() if hp is None else hp,
-        init_fn=KeyedFn(init_fn, ("mlp-init", module)),
-        apply_fn=KeyedFn(apply_fn, ("mlp-apply", module)),
+        init_fn=KeyedFn(init_fn, (f"{name}-init", module)),
+        apply_fn=KeyedFn(apply_fn, (f"{name}-apply", module)),
         batch_size=batch_size,
         num_classes=num_classes,
     )

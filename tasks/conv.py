@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tasks.base import KeyedFn
 from tasks.classification import (
-    ACTIVATIONS,
     ClassificationTask,
     TaskHParams,
     apply_activation,
+    check_activations,
+    module_task,
 )
 from tasks.device_data import DeviceData
 
@@ -139,24 +139,8 @@ def conv_task(
         raise ValueError(
             f"a ConvNet needs images [H, W, C]; the data's inputs have shape {data.input_shape}"
         )
-    for a in activations:
-        if a not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
+    check_activations(activations)
     module = ConvNet(
         tuple(channels), tuple(kernel_sizes), tuple(strides), num_classes, tuple(activations)
     )
-
-    def init_fn(key, x):
-        return module.init(key, x, jnp.int32(0))["params"]
-
-    def apply_fn(params, x, hp):
-        return module.apply({"params": params}, x, hp.activation)
-
-    return ClassificationTask(
-        data=data,
-        hp=TaskHParams.default() if hp is None else hp,
-        init_fn=KeyedFn(init_fn, ("conv-init", module)),
-        apply_fn=KeyedFn(apply_fn, ("conv-apply", module)),
-        batch_size=batch_size,
-        num_classes=num_classes,
-    )
+    return module_task(module, data, num_classes, batch_size=batch_size, hp=hp, name="conv")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tasks.base import KeyedFn, chunked_sums, cross_entropy
-from tasks.classification import ACTIVATIONS, TaskHParams, apply_activation
+from tasks.classification import TaskHParams, apply_activation, check_activations
 from tasks.text import VOCAB, TextCorpus, TextSplit, bits_per_byte
 
 RECURRENT_CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}
@@ -183,9 +183,7 @@ def lm_task(
     Returns:
       The task.
     """
-    for a in activations:
-        if a not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
+    check_activations(activations)
     if model in RECURRENT_CELLS:
         module: nn.Module = RecurrentLM(model, hidden, layers)
     elif model == "transformer":
