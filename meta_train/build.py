@@ -155,7 +155,11 @@ def build_run(config: Config, family: TaskFamily | None = None) -> Run:
     lopt = build_lopt(config)
     m = config.meta
     schedule = TemplateSchedule(
-        family.num_templates, m.task_groups, m.switch_every, config.run.seed
+        family.num_templates,
+        m.task_groups,
+        m.switch_every,
+        config.run.seed,
+        family.template_probs(),
     )
     problems = tuple(
         LOptProblem(family.templates[t].task, lopt, family.templates[t].sampler, m.loss_clip)

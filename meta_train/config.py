@@ -183,6 +183,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
     },
     "task_family": {
         "kinds": Items(OneOf(_kinds)),
+        "kind_weights": Items(POSITIVE, non_empty=False),
         "datasets": Items(OneOf(_datasets)),
         "hidden_sizes": Items(
             Items(int_at_least(1), non_empty=False),  # [] is a linear classifier

@@ -5,7 +5,10 @@ and each group holds tasks of one template. With `switch_every = N > 0` the grou
 new shapes during a run, one group at a time:
 
 * the templates form a sequence of cycles; each cycle is a random permutation of all the
-  family's templates (keyed by the run's seed), so every template is visited once per cycle;
+  family's templates (keyed by the run's seed), so every template is visited once per cycle.
+  With kind weights (`task_family.kind_weights`) only the first cycle is a permutation,
+  so every template is still visited; later items are drawn with the weights' template
+  probabilities;
 * at the start, group g takes sequence item g;
 * at the start of outer step s (s > 0, s a multiple of N) the next group in turn,
   (s / N - 1) mod G, takes the next unused item and starts fresh particles (staggered as
@@ -36,12 +39,15 @@ class TemplateSchedule:
       groups: task groups (G).
       switch_every: outer steps between switches (N; 0: never).
       seed: the run's seed (orders the cycles).
+      probs: per-template probabilities of the items after the first cycle (None: every
+        cycle a permutation).
     """
 
     num_templates: int
     groups: int
     switch_every: int = 0
     seed: int = 0
+    probs: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.num_templates < 1 or self.groups < 1 or self.switch_every < 0:
@@ -54,6 +60,9 @@ class TemplateSchedule:
 
     def item(self, i: int) -> int:
         """Template number `i` of the sequence."""
+        if self.probs is not None and i >= self.num_templates:
+            rng = np.random.default_rng([self.seed, 7919, 1, i])
+            return int(rng.choice(self.num_templates, p=np.asarray(self.probs) / sum(self.probs)))
         return self._cycle(i // self.num_templates)[i % self.num_templates]
 
     def switches_done(self, step: int) -> int:

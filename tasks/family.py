@@ -46,8 +46,10 @@ class FamilyConfig:
 
     Attributes:
       kinds: which kinds the family holds: 'mlp' (MLP classifiers), 'conv' (ConvNet image
-        classifiers), 'lm' (byte-level language models). Every template of every kind is
-        equally likely.
+        classifiers), 'lm' (byte-level language models).
+      kind_weights: the probability of each kind (one weight per entry of `kinds`,
+        normalised), templates equally likely within a kind; () makes every template equally
+        likely.
       activations: activation names, picked per task as a traced number (MLPs, ConvNets and
         the transformer's MLP; recurrent cells keep their own nonlinearities).
       init_scale: (low, high) of a log-uniform multiplier on the default weight init.
@@ -78,6 +80,7 @@ class FamilyConfig:
     """
 
     kinds: tuple[str, ...] = ("mlp",)
+    kind_weights: tuple[float, ...] = ()
     activations: tuple[str, ...] = ("relu",)
     init_scale: tuple[float, float] = (1.0, 1.0)
     datasets: tuple[str, ...] = ("mnist1d",)
@@ -112,6 +115,13 @@ class FamilyConfig:
                 raise ValueError(f"kinds: unknown {k!r}; known {list(KINDS)}")
         if not self.kinds:
             raise ValueError("kinds must name at least one kind")
+        if self.kind_weights and (
+            len(self.kind_weights) != len(self.kinds) or min(self.kind_weights) <= 0
+        ):
+            raise ValueError(
+                f"kind_weights needs one weight > 0 per kind {list(self.kinds)}, got "
+                f"{list(self.kind_weights)}"
+            )
         if not self.datasets or not self.hidden_sizes or not self.batch_sizes:
             raise ValueError("datasets, hidden_sizes and batch_sizes must be non-empty")
         lo, hi = self.init_scale
@@ -401,9 +411,21 @@ class TaskFamily:
     def kinds(self) -> list[str]:
         return list(dict.fromkeys(t.kind for t in self.templates))
 
+    def template_probs(self) -> tuple[float, ...] | None:
+        """Each template's probability under `kind_weights` (None: all equally likely)."""
+        weights = dict(zip(self.config.kinds, self.config.kind_weights, strict=False))
+        if not weights:
+            return None
+        counts = {k: sum(t.kind == k for t in self.templates) for k in self.kinds}
+        total = sum(weights[k] for k in self.kinds)
+        return tuple(weights[t.kind] / total / counts[t.kind] for t in self.templates)
+
     def sample_template(self, key: jax.Array) -> int:
-        """Picks a shape (a template index, every one equally likely); a Python int."""
-        return int(jax.random.randint(key, (), 0, self.num_templates))
+        """Picks a shape (a template index; kinds weighted by `kind_weights`); a Python int."""
+        probs = self.template_probs()
+        if probs is None:
+            return int(jax.random.randint(key, (), 0, self.num_templates))
+        return int(jax.random.choice(key, self.num_templates, p=jnp.asarray(probs)))
 
     def sampler(self, template: int) -> TaskSampler:
         """The traceable sampler of template `template`'s numbers (compared by value)."""

@@ -124,6 +124,25 @@ def test_grouped_step_gives_the_numbers_of_the_fused_step(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_kind_weights_set_the_kinds_frequencies_after_every_template_was_visited(tmp_path):
+    run = _mixed_run(tmp_path, "task_family.kind_weights=[1.0, 1.0, 6.0]")
+    probs = run.family.template_probs()
+    # mlp, conv, lm (two templates): kind probabilities 1/8, 1/8, 6/8 split within a kind.
+    np.testing.assert_allclose(probs, [1 / 8, 1 / 8, 3 / 8, 3 / 8], rtol=1e-12)
+    s = run.schedule
+    assert s.probs == probs
+    assert sorted(s.item(i) for i in range(4)) == [0, 1, 2, 3]  # the first cycle: all
+    later = np.bincount([s.item(i) for i in range(4, 4004)], minlength=4) / 4000
+    np.testing.assert_allclose(later, probs, atol=0.03)  # 4,000 draws: ±0.03 is > 4 sd
+    kinds = [
+        run.family.templates[run.family.sample_template(jax.random.PRNGKey(i))].kind
+        for i in range(400)
+    ]
+    assert 0.65 < kinds.count("lm") / 400 < 0.85
+    with pytest.raises(Exception, match="kind_weights needs one weight > 0 per kind"):
+        _mixed_run(tmp_path, "task_family.kind_weights=[1.0, 2.0]")
+
+
 def _fashion_mnist_missing() -> bool:
     from tasks.datasets import DatasetNotFoundError, load_dataset  # noqa: PLC0415
 
