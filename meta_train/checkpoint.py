@@ -575,8 +575,13 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
         where = os.path.join(directory, str(step))
         try:
             manifest = _read_manifest(mgr, step, where)
+            target = _local_theta_target(mgr, step, where)
             out = _restore_items(
-                mgr, step, where, theta=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
+                mgr,
+                step,
+                where,
+                theta=ocp.args.StandardRestore(target),
+                config=ocp.args.JsonRestore(),
             )
             _verify(manifest["theta"], out.theta, "theta", where)
             if not isinstance(out.config, dict):
@@ -587,6 +592,26 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
         return out.theta, out.config
     finally:
         mgr.close()
+
+
+def _local_theta_target(mgr: ocp.CheckpointManager, step: int, where: str) -> Any:
+    """θ's saved shapes and dtypes, placed on this process's first device.
+
+    Without a target orbax restores arrays onto the devices they were saved from, and a
+    checkpoint written by a run sharded over two devices would not load in a one-device
+    process (a user's training loop); θ is small and replicated, so one device holds it.
+    """
+    try:
+        meta = mgr.item_metadata(step)["theta"]
+        tree = getattr(meta, "tree", meta)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
+        )
+    except Exception as e:  # missing or unreadable metadata: the step is unusable
+        raise CorruptCheckpointError(
+            f"cannot read the metadata of theta in checkpoint {where} ({_first_line(e)})"
+        ) from e
 
 
 def saved_steps(directory: str) -> list[int]:

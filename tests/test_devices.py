@@ -109,6 +109,15 @@ def test_a_run_resumes_under_another_device_count(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     two_devices("meta.outer_steps=2")
+    # A user's one-device process loads the two-device run's optimizer as it is (before
+    # the fix: "Topology mismatch" reported as a corrupt checkpoint).
+    from lopt.export import load_optax  # noqa: PLC0415
+
+    tx, theta, _ = load_optax(str(tmp_path / "checkpoints"), num_steps=10)
+    assert all(len(x.devices()) == 1 for x in jax.tree.leaves(theta))
+    params = {"w": jax.numpy.ones((3, 2))}
+    updates, _ = tx.update(params, tx.init(params), params, loss=jax.numpy.float32(1.0))
+    assert np.all(np.isfinite(np.asarray(updates["w"])))
     assert main([*args, "--resume", "meta.outer_steps=4"]) == 0  # this process: one device
     two_devices("--resume", "meta.outer_steps=6")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
