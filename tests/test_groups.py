@@ -153,6 +153,7 @@ def _fashion_mnist_missing() -> bool:
     return False
 
 
+@pytest.mark.slow  # ~45 s: `.ci/run` runs it after the default suite
 @pytest.mark.skipif(_fashion_mnist_missing(), reason="Fashion-MNIST is not installed")
 def test_readme_mixed_command_runs_and_evaluates_every_kind(tmp_path, capsys):
     import shlex  # noqa: PLC0415
