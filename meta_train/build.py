@@ -69,10 +69,7 @@ class Run:
     def problem(self, template: int) -> LOptProblem:
         """Training tasks of `template` with the learned optimizer (built once)."""
         if template not in self._problems:
-            t = self.family.templates[template]
-            self._problems[template] = LOptProblem(
-                t.task, self.lopt, t.sampler, self.config.meta.loss_clip
-            )
+            self._problems[template] = lopt_problem(self.config, self.family, self.lopt, template)
         return self._problems[template]
 
     def group_estimator(self, template: int):
@@ -144,6 +141,14 @@ class Run:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.run.seed), HELD_OUT_STREAM)
 
 
+def lopt_problem(
+    config: Config, family: TaskFamily, lopt: LearnedOptimizer, template: int
+) -> LOptProblem:
+    """Training tasks of one template of `family` with `lopt`, as an inner problem."""
+    t = family.templates[template]
+    return LOptProblem(t.task, lopt, t.sampler, config.meta.loss_clip)
+
+
 def build_lopt(config: Config) -> LearnedOptimizer:
     kwargs = config.lopt_kwargs()
     return make_lopt(kwargs.pop("kind"), **kwargs)
@@ -161,10 +166,7 @@ def build_run(config: Config, family: TaskFamily | None = None) -> Run:
         config.run.seed,
         family.template_probs(),
     )
-    problems = tuple(
-        LOptProblem(family.templates[t].task, lopt, family.templates[t].sampler, m.loss_clip)
-        for t in schedule.templates_at(0)
-    )
+    problems = tuple(lopt_problem(config, family, lopt, t) for t in schedule.templates_at(0))
     episodes = EpisodeSchedule(m.window, m.min_episode_len, m.max_episode_len)
     estimator = make_estimator(
         m.estimator,

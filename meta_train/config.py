@@ -13,6 +13,7 @@ as TOML (`meta.outer_steps=50`, `task_family.datasets=["mnist1d"]`, `run.name="x
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import tomllib
@@ -122,52 +123,25 @@ RANGE_OR_OFF = Rule(
 )
 
 
-def _estimators() -> Sequence[str]:
-    from meta_train.estimators import ESTIMATORS  # noqa: PLC0415 - jax-heavy
+def _names(module: str, attr: str, *, sort: bool = False) -> Callable[[], Sequence[str]]:
+    """The names of a registry (`module.attr`), imported only when a value is checked: the
+    registries live in jax- and flax-heavy modules."""
 
-    return ESTIMATORS
+    def names() -> Sequence[str]:
+        values = getattr(importlib.import_module(module), attr)
+        return sorted(values) if sort else values
 
-
-def _objectives() -> Sequence[str]:
-    from meta_train.estimators import OBJECTIVES  # noqa: PLC0415
-
-    return OBJECTIVES
-
-
-def _staggers() -> Sequence[str]:
-    from meta_train.estimators import STAGGERS  # noqa: PLC0415
-
-    return STAGGERS
+    return names
 
 
-def _lopt_kinds() -> Sequence[str]:
-    from lopt.registry import LOPTS  # noqa: PLC0415 - flax-heavy
-
-    return sorted(LOPTS)
-
-
-def _datasets() -> Sequence[str]:
-    from tasks.datasets import DATASETS  # noqa: PLC0415
-
-    return DATASETS
-
-
-def _kinds() -> Sequence[str]:
-    from tasks.family import KINDS  # noqa: PLC0415
-
-    return KINDS
-
-
-def _lm_models() -> Sequence[str]:
-    from tasks.language import MODELS  # noqa: PLC0415 - flax-heavy
-
-    return MODELS
-
-
-def _activations() -> Sequence[str]:
-    from tasks.classification import ACTIVATIONS  # noqa: PLC0415
-
-    return sorted(ACTIVATIONS)
+_estimators = _names("meta_train.estimators", "ESTIMATORS")
+_objectives = _names("meta_train.estimators", "OBJECTIVES")
+_staggers = _names("meta_train.estimators", "STAGGERS")
+_lopt_kinds = _names("lopt.registry", "LOPTS", sort=True)
+_datasets = _names("tasks.datasets", "DATASETS")
+_kinds = _names("tasks.family", "KINDS")
+_lm_models = _names("tasks.language", "MODELS")
+_activations = _names("tasks.classification", "ACTIVATIONS", sort=True)
 
 
 RULES: dict[str, dict[str, Rule | OneOf | Items]] = {

@@ -50,18 +50,24 @@ class _Augmented(struct.PyTreeNode):
 class Reparameterised(_Augmented):
     """Trains w = p / c per tensor; `scales` holds one c per parameter leaf.
 
-    Build with `Reparameterised.sample(task, key, low, high)` for log-uniform scales.
+    Build with `Reparameterised.sample(task, key, low, high)` for log-uniform scales, or
+    `Reparameterised.from_vector(task, scales)` from one scale per tensor.
     """
 
     scales: Any  # a pytree like the task's params, one scalar per leaf
 
     @classmethod
+    def from_vector(cls, task: Any, scales: jax.Array) -> Reparameterised:
+        """One scale per parameter tensor, in `jax.tree.leaves` order of the task's params."""
+        treedef = jax.tree.structure(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+        return cls(task, jax.tree.unflatten(treedef, list(scales)))
+
+    @classmethod
     def sample(cls, task: Any, key: jax.Array, low: float, high: float) -> Reparameterised:
         """Scales drawn log-uniformly in [low, high], one per parameter tensor."""
-        shapes = jax.eval_shape(task.init, key)
-        leaves, treedef = jax.tree.flatten(shapes)
-        u = jax.random.uniform(key, (len(leaves),), minval=jnp.log(low), maxval=jnp.log(high))
-        return cls(task, jax.tree.unflatten(treedef, list(jnp.exp(u))))
+        n = len(jax.tree.leaves(jax.eval_shape(task.init, key)))
+        u = jax.random.uniform(key, (n,), minval=jnp.log(low), maxval=jnp.log(high))
+        return cls.from_vector(task, jnp.exp(u))
 
     def to_task_params(self, w: Any) -> Any:
         return jax.tree.map(lambda x, c: x * c, w, self.scales)

@@ -44,6 +44,12 @@ class Task(Protocol):
         """Returns {'loss': ..., 'accuracy': ...} of `params` on `batch`."""
 
 
+def scale_weights(params: Any, scale: jax.Array) -> Any:
+    """`params` with every weight matrix (ndim > 1) times `scale`: a family's init scale.
+    Biases and norms (vectors) keep their init."""
+    return jax.tree.map(lambda p: p * scale if p.ndim > 1 else p, params)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of integer labels."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tasks.base import KeyedFn, accuracy, chunked_sums, cross_entropy
+from tasks.base import KeyedFn, accuracy, chunked_sums, cross_entropy, scale_weights
 from tasks.device_data import DeviceData
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -86,9 +86,7 @@ class ClassificationTask(struct.PyTreeNode):
     eval_batch_size: int = struct.field(pytree_node=False, default=1000)
 
     def init(self, key: jax.Array) -> Any:
-        params = self.init_fn(key, self.data.train.x[:1])
-        # Scale weight matrices only: biases start at zero either way.
-        return jax.tree.map(lambda p: p * self.hp.init_scale if p.ndim > 1 else p, params)
+        return scale_weights(self.init_fn(key, self.data.train.x[:1]), self.hp.init_scale)
 
     def sample_batch(self, key: jax.Array, split: str = "train"):
         size = self.batch_size if split == "train" else self.eval_batch_size

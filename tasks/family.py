@@ -211,8 +211,7 @@ class TaskSampler:
         if draw.loss_scale is not None:
             task = LossScaled(task, draw.loss_scale)
         if draw.reparam is not None:
-            treedef = jax.tree.structure(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
-            task = Reparameterised(task, jax.tree.unflatten(treedef, list(draw.reparam)))
+            task = Reparameterised.from_vector(task, draw.reparam)
         return task
 
     def unscaled(self, draw: TaskDraw, loss: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tasks.base import KeyedFn, chunked_sums, cross_entropy
+from tasks.base import KeyedFn, chunked_sums, cross_entropy, scale_weights
 from tasks.classification import TaskHParams, apply_activation, check_activations
 from tasks.text import VOCAB, TextCorpus, TextSplit, bits_per_byte
 
@@ -95,9 +95,8 @@ class LanguageModelTask(struct.PyTreeNode):
     eval_batch_size: int = struct.field(pytree_node=False, default=64)
 
     def init(self, key: jax.Array) -> Any:
-        params = self.init_fn(key, jnp.zeros((1, self.seq_len), jnp.int32))
-        # Scale weight matrices only: biases and norms keep their init.
-        return jax.tree.map(lambda p: p * self.hp.init_scale if p.ndim > 1 else p, params)
+        tokens = jnp.zeros((1, self.seq_len), jnp.int32)
+        return scale_weights(self.init_fn(key, tokens), self.hp.init_scale)
 
     def split(self, name: str) -> TextSplit:
         if name not in ("train", "valid", "test"):
