@@ -14,6 +14,11 @@ from collections.abc import Callable
 USAGE_ERROR = 2
 
 
+class UserError(ValueError):
+    """Base of errors whose message alone tells the user what to fix (a bad option, an
+    unknown name); entry points print it without a traceback."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that are user errors (imported lazily: orbax, jax, wandb)."""
     from meta_train.checkpoint import CheckpointError, ConfigMismatchError  # noqa: PLC0415
@@ -21,7 +26,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from meta_train.logging import WandbError  # noqa: PLC0415
     from tasks.datasets import DatasetNotFoundError  # noqa: PLC0415
 
-    return (ConfigError, ConfigMismatchError, CheckpointError, DatasetNotFoundError, WandbError)
+    return (
+        ConfigError,
+        ConfigMismatchError,
+        CheckpointError,
+        DatasetNotFoundError,
+        WandbError,
+        UserError,
+    )
 
 
 def run_cli(body: Callable[[], int], debug: bool = False) -> int:

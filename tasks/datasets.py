@@ -588,6 +588,27 @@ def _write_cache(path: Path, meta: str, splits: dict[str, tuple[np.ndarray, np.n
 # ---------------------------------------------------------------------------------- public API
 
 
+def locate_dataset(name: str, data_dir: str | None = None) -> str:
+    """Finds a dataset's raw files without loading them (a cheap availability check).
+
+    Args:
+      name: one of `DATASETS`.
+      data_dir: a directory to look in first (as for `load_dataset`).
+
+    Returns:
+      Where the data would come from ('generated locally' for mnist1d).
+
+    Raises:
+      ValueError: an unknown name.
+      DatasetNotFoundError: no copy anywhere; the message lists every place looked.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if name == "mnist1d":
+        return "generated locally (mnist1d package)"
+    return _locate(name, data_dir).description
+
+
 def load_dataset(
     name: str,
     data_dir: str | None = None,

@@ -1,0 +1,510 @@
+"""Runs the benchmark's jobs: one optimizer (or one tuned baseline) on one task.
+
+A job trains all its seeds (and, for a baseline, its whole learning-rate grid) in one
+jitted, vmapped `lax.scan` (`evaluate.suite._train`): data on the device, batches drawn
+with `jax.random` inside the scan. Every optimizer sees the same seed keys on a task, so
+the same initial parameters and minibatches (common random numbers); the noise reference
+re-runs tuned Adam with fresh keys.
+
+Jobs run in worker processes pinned one per core (`run_jobs`): on small CPU problems one
+single-threaded process per core beats one process whose kernels XLA splits over the cores,
+and independent jobs need no synchronisation. Each finished job is written to disk at once
+(baselines to the cache, candidates to the output folder), so an interrupted benchmark
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluate.baselines import (
+    BASELINE_VERSION,
+    Baseline,
+    cache_key,
+    cache_path,
+    read_cache,
+    write_json_atomic,
+)
+from evaluate.bench_suites import BenchTask
+from evaluate.speedup import smooth_bins
+
+FRESH = "adam_fresh_seeds"
+# Steps of the wall-clock probe that compares an optimizer's step time with Adam's.
+PROBE_STEPS = 200
+# Rough cost of a step per kind relative to a small MLP's, for the ETA only.
+_KIND_COST = {"mlp": 1.0, "conv": 5.0, "lm": 5.0, "family": 2.0}
+_FINAL = ("loss", "accuracy", "bits_per_byte")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of work.
+
+    Attributes:
+      task: the task.
+      row: the row it fills: a candidate's label, or a baseline's name.
+      spec: the candidate's SPEC string (None for a baseline).
+      baseline: the baseline (None for a candidate).
+      path: where the finished result is written (and looked up on resume).
+      key: the content hash stored in that file; a file with another key is stale.
+    """
+
+    task: BenchTask
+    row: str
+    spec: str | None
+    baseline: Baseline | None
+    path: str
+    key: str
+
+    @property
+    def runs(self) -> int:
+        return len(self.baseline.lrs) + 1 if self.baseline else 1
+
+    def cost(self, seeds: int) -> int:
+        """Estimated work in small-MLP training steps, for the progress bar's ETA."""
+        return max(
+            1, round(self.task.steps * seeds * self.runs * _KIND_COST.get(self.task.kind, 1.0))
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every job of a benchmark shares."""
+
+    seeds: int
+    eval_points: int
+    train_bins: int
+    data_dir: str | None = None
+
+
+def eval_every(steps: int, eval_points: int) -> int:
+    """The validation period giving about `eval_points` evaluations over `steps`."""
+    return max(1, steps // max(1, eval_points))
+
+
+def seed_keys(task_name: str, seeds: int, fresh: bool = False):
+    """The seed keys of a task: the same for every optimizer (common random numbers).
+
+    Args:
+      task_name: the task's name (its hash seeds the keys).
+      seeds: how many.
+      fresh: the noise reference's independent keys instead.
+
+    Returns:
+      [seeds] keys.
+    """
+    import jax  # noqa: PLC0415
+
+    base = jax.random.PRNGKey(zlib.crc32(task_name.encode()))
+    return jax.random.split(jax.random.fold_in(base, 1 if fresh else 0), seeds)
+
+
+def candidate_key(task: BenchTask, spec: str, settings: Settings, identity: str = "") -> str:
+    """Content hash of a candidate job's result (a changed input never reuses a file)."""
+    blob = json.dumps(
+        {
+            "version": BASELINE_VERSION,
+            "task": {k: v for k, v in task.to_json().items() if k != "description"},
+            "spec": spec,
+            "identity": identity,
+            "seeds": settings.seeds,
+            "eval_points": settings.eval_points,
+            "train_bins": settings.train_bins,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def data_fingerprint(built: Any) -> str:
+    """A hash of a built task's on-device data (what a baseline's cache entry depends on)."""
+    import jax  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    # Array leaves only: the tree's static parts print with memory addresses, and the
+    # task's JSON description already fixes the structure.
+    for leaf in jax.tree.leaves(built):
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------- the computations
+
+
+def _jit():
+    from meta_train.jit import jit  # noqa: PLC0415
+
+    return jit
+
+
+def _grid_fn():
+    """The jitted grid x seeds trainer of a baseline (built lazily: imports JAX)."""
+    if "grid" not in _FNS:
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        from evaluate.suite import _train  # noqa: PLC0415
+
+        @_jit()(static_argnames=("baseline", "num_steps", "period"))
+        def grid(task, baseline, lrs, num_steps, keys, period):
+            def one(lr, key):
+                return _train(task, baseline.transform(lr, num_steps), num_steps, key, period)
+
+            lrs = jnp.asarray(lrs, jnp.float32)
+            return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(lrs)
+
+        _FNS["grid"] = grid
+    return _FNS["grid"]
+
+
+def _probe_fn():
+    """A jitted training loop without evaluation: what a step costs."""
+    if "probe" not in _FNS:
+        import jax  # noqa: PLC0415
+        import optax  # noqa: PLC0415
+
+        @_jit()(static_argnames=("tx", "num_steps"))
+        def probe(task, tx, num_steps, key):
+            tx = optax.with_extra_args_support(tx)
+            params = task.init(key)
+
+            def step(carry, k):
+                params, state = carry
+                loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(k, "train"))
+                updates, state = tx.update(g, state, params, loss=loss)
+                return (optax.apply_updates(params, updates), state), loss
+
+            _, losses = jax.lax.scan(
+                step, (params, tx.init(params)), jax.random.split(key, num_steps)
+            )
+            return losses[-1]
+
+        _FNS["probe"] = probe
+    return _FNS["probe"]
+
+
+_FNS: dict[str, Any] = {}
+
+
+def seconds_per_step(built: Any, tx: Any, steps: int) -> float:
+    """Wall-clock seconds per training step of `tx` on `built` (compiled first, then timed)."""
+    import jax  # noqa: PLC0415
+
+    n = max(1, min(PROBE_STEPS, steps))
+    fn, key = _probe_fn(), jax.random.PRNGKey(0)
+    jax.block_until_ready(fn(built, tx, n, key))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(built, tx, n, key))
+    return (time.perf_counter() - t0) / n
+
+
+def step_time_ratio(built: Any, tx: Any, steps: int) -> float:
+    """`tx`'s time per step over Adam's, measured back to back in this process."""
+    import optax  # noqa: PLC0415
+
+    mine = seconds_per_step(built, tx, steps)
+    adam = seconds_per_step(built, optax.adam(1e-3), steps)
+    return mine / adam
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _lst(a: Any) -> list:
+    a = np.asarray(a, np.float64)
+    return [[_num(v) for v in row] for row in a] if a.ndim == 2 else [_num(v) for v in a]
+
+
+def row_record(runs: dict[str, Any], steps: int, settings: Settings) -> dict[str, Any]:
+    """JSON-friendly numbers of one row from `train_seeds`-shaped host arrays.
+
+    Args:
+      runs: `evaluate.suite.train`'s dict with a leading seed axis (numpy).
+      steps: the horizon.
+      settings: the curves' resolution.
+
+    Returns:
+      `final` (per metric: mean, std, per seed), `valid_curve` and `train_curve` (mean over
+      seeds and per seed), `diverged` and `runs` counts.
+    """
+    final = {}
+    for split in ("train", "valid", "test"):
+        for metric in _FINAL:
+            k = f"final_{split}_{metric}"
+            if k in runs:
+                v = np.asarray(runs[k], np.float64)
+                final[f"{split}_{metric}"] = {
+                    "mean": _num(np.mean(v)),
+                    "std": _num(np.std(v)),
+                    "seeds": _lst(v),
+                }
+    valid = np.asarray(runs["valid_curve"], np.float64)
+    _, train = smooth_bins(np.asarray(runs["train_curve"], np.float64), settings.train_bins)
+    div = np.asarray(runs["diverged"], bool)
+    return {
+        "final": final,
+        # NaN propagates into the mean on purpose: a diverged seed never looks good.
+        "valid_curve": {"mean": _lst(valid.mean(0)), "seeds": _lst(valid)},
+        "train_curve": {"mean": _lst(train.mean(0)), "seeds": _lst(train)},
+        "diverged": int(div.sum()),
+        "runs": int(div.size),
+    }
+
+
+def _curves_axes(steps: int, settings: Settings) -> dict[str, list[float]]:
+    from evaluate.suite import eval_steps  # noqa: PLC0415
+
+    period = eval_every(steps, settings.eval_points)
+    train_steps, _ = smooth_bins(np.zeros(steps), settings.train_bins)
+    return {"eval_steps": eval_steps(steps, period), "train_steps": train_steps.tolist()}
+
+
+class _Built:
+    """Per-process cache of built tasks (a worker runs several jobs of one task)."""
+
+    def __init__(self):
+        self._tasks: dict[BenchTask, tuple[Any, dict, str]] = {}
+
+    def get(self, task: BenchTask, data_dir: str | None) -> tuple[Any, dict, str]:
+        if task not in self._tasks:
+            from evaluate.bench_suites import build_task  # noqa: PLC0415
+
+            if len(self._tasks) >= 2:  # bound device memory: datasets can be large
+                self._tasks.pop(next(iter(self._tasks)))
+            built, info = build_task(task, data_dir)
+            self._tasks[task] = (built, info, data_fingerprint(built))
+        return self._tasks[task]
+
+
+_BUILT = _Built()
+
+
+def run_candidate(job: Job, settings: Settings) -> dict[str, Any]:
+    """Trains a candidate optimizer on the job's task for every seed.
+
+    Returns:
+      The row record (`row_record`) plus `info`, `step_time_ratio`, `seconds` and the
+      curves' step axes.
+    """
+    import jax  # noqa: PLC0415
+
+    from evaluate.specs import parse_spec  # noqa: PLC0415
+    from evaluate.suite import train_seeds  # noqa: PLC0415
+
+    task = job.task
+    built, info, _ = _BUILT.get(task, settings.data_dir)
+    tx = parse_spec(job.spec).make(task.steps)
+    t0 = time.perf_counter()
+    runs = train_seeds(
+        built,
+        tx,
+        task.steps,
+        seed_keys(task.name, settings.seeds),
+        eval_every(task.steps, settings.eval_points),
+    )
+    runs = jax.device_get(runs)
+    seconds = time.perf_counter() - t0
+    rec = row_record(runs, task.steps, settings)
+    rec.update(
+        info=info,
+        seconds=seconds,
+        step_time_ratio=_num(step_time_ratio(built, tx, task.steps)),
+        **_curves_axes(task.steps, settings),
+    )
+    return rec
+
+
+def run_baseline(job: Job, settings: Settings) -> dict[str, Any]:
+    """Tunes a baseline's learning rate on the job's task (grid x seeds in one call).
+
+    Returns:
+      `baseline` (grid, scores, chosen rate, edge and divergence flags, seconds), `rows`
+      (the tuned row; for Adam also the fresh-seed noise reference), `info`, curve axes.
+    """
+    import jax  # noqa: PLC0415
+
+    from evaluate.baselines import select  # noqa: PLC0415
+
+    task, base = job.task, job.baseline
+    built, info, _ = _BUILT.get(task, settings.data_dir)
+    period = eval_every(task.steps, settings.eval_points)
+    keys = seed_keys(task.name, settings.seeds)
+    t0 = time.perf_counter()
+    grid = _grid_fn()(built, base, base.lrs, task.steps, keys, period)
+    best, scores = select(grid["final_valid_loss"], grid["diverged"])
+    grid, best, scores = jax.device_get((grid, best, scores))
+    best = int(best)
+    chosen = jax.tree.map(lambda x: x[best], grid)
+    rows = {base.name: row_record(chosen, task.steps, settings)}
+    lr = float(base.lrs[best])
+    if base.name == "adam":
+        fresh = _grid_fn()(
+            built, base, (lr,), task.steps, seed_keys(task.name, settings.seeds, True), period
+        )
+        rows[FRESH] = row_record(
+            jax.tree.map(lambda x: x[0], jax.device_get(fresh)), task.steps, settings
+        )
+        rows[base.name]["step_time_ratio"] = 1.0
+        rows[FRESH]["step_time_ratio"] = 1.0
+    else:
+        tx = base.transform(lr, task.steps)
+        rows[base.name]["step_time_ratio"] = _num(step_time_ratio(built, tx, task.steps))
+    seconds = time.perf_counter() - t0
+    scores = [_num(s) for s in np.asarray(scores)]
+    return {
+        "baseline": {
+            "lrs": list(base.lrs),
+            "scores": scores,
+            "lr": lr,
+            "lr_index": best,
+            # A winner at the grid's end means the optimum may lie outside the grid.
+            "at_grid_edge": len(base.lrs) > 1 and best in (0, len(base.lrs) - 1),
+            "all_diverged": all(s is None for s in scores),
+            "seconds": seconds,
+        },
+        "rows": rows,
+        "info": info,
+        **_curves_axes(task.steps, settings),
+    }
+
+
+def run_job(job: Job, settings: Settings) -> dict[str, Any]:
+    """Runs one job and writes its result to `job.path` (atomically, with `job.key`).
+
+    Returns:
+      The result as written.
+    """
+    result = run_baseline(job, settings) if job.baseline else run_candidate(job, settings)
+    result["key"] = job.key
+    write_json_atomic(Path(job.path), result)
+    return result
+
+
+def baseline_job(task: BenchTask, base: Baseline, settings: Settings, cache_dir: str) -> Job:
+    """The job of a baseline on a task; its path is in the cache, keyed by its inputs.
+
+    The data fingerprint needs the data, so this builds the task (in this process).
+    """
+    _, _, fingerprint = _BUILT.get(task, settings.data_dir)
+    key = cache_key(
+        task.to_json(), base, settings.seeds, settings.eval_points, settings.train_bins, fingerprint
+    )
+    return Job(
+        task, base.name, None, base, str(cache_path(cache_dir, task.name, base.name, key)), key
+    )
+
+
+def cached(job: Job) -> dict[str, Any] | None:
+    """The job's finished result if it is on disk with the right key."""
+    return read_cache(Path(job.path), job.key)
+
+
+# ------------------------------------------------------------------------------- workers
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to end this worker when the benchmark process dies (even by SIGKILL), so
+    no orphan keeps computing; a no-op elsewhere."""
+    try:
+        import ctypes  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(core: int | None, settings: Settings, jobs: Any, results: Any) -> None:
+    """A worker process: pins itself to `core`, then runs jobs until it gets None."""
+    _die_with_parent()
+    if core is not None:
+        # Before JAX starts: XLA sizes its thread pools from the affinity mask.
+        os.sched_setaffinity(0, {core})
+    os.environ["JAX_NUM_CPU_DEVICES"] = "1"
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        index, job = item
+        t0 = time.perf_counter()
+        try:
+            run_job(job, settings)
+            results.put((index, "ok", time.perf_counter() - t0))
+        except Exception as e:  # reported per job; the benchmark goes on with the others
+            kind = type(e).__name__
+            if kind == "DatasetNotFoundError":
+                results.put((index, "skipped", str(e)))
+            else:
+                results.put((index, "error", f"{kind}: {e}\n{traceback.format_exc()}"))
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    settings: Settings,
+    workers: int,
+    on_done: Callable[[int, str, Any], None],
+) -> None:
+    """Runs `jobs` on `workers` processes pinned one per core (largest jobs first).
+
+    Args:
+      jobs: what to run.
+      settings: shared settings.
+      workers: worker processes (at most the cores this process may use; each gets one).
+      on_done: called in this process as `on_done(index, status, detail)` when a job ends;
+        status 'ok' (detail: seconds), 'skipped' (detail: why) or 'error' (detail: message).
+    """
+    if not jobs:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = max(1, min(workers, len(cores), len(jobs)))
+    ctx = mp.get_context("spawn")  # never fork a process that has started XLA
+    job_q, result_q = ctx.Queue(), ctx.Queue()
+    # Longest first: the last jobs to finish are then short ones (less idle time at the end).
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost(settings.seeds))
+    for i in order:
+        job_q.put((i, jobs[i]))
+    for _ in range(workers):
+        job_q.put(None)
+    procs = [
+        ctx.Process(target=_worker, args=(cores[w], settings, job_q, result_q), daemon=True)
+        for w in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    pending = set(range(len(jobs)))
+    try:
+        while pending:
+            try:
+                index, status, detail = result_q.get(timeout=5.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    for i in sorted(pending):
+                        on_done(i, "error", "a worker process died (out of memory?)")
+                    return
+                continue
+            pending.discard(index)
+            on_done(index, status, detail)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
