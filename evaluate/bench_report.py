@@ -37,9 +37,10 @@ _READING_GUIDE = (
     "over seeds; > 1 means faster than tuned Adam, which is 1.00× by definition. *never* = did "
     "not reach that loss within the horizon; it counts as 0 in the median and the IQM "
     "(interquartile mean: the mean of the middle half of tasks). Win rate = share of tasks "
-    "with speed-up ≥ 1. Step time = wall-clock time per step ÷ Adam's, measured in the same "
-    "process. The row *{fresh}* re-runs tuned Adam on fresh seeds (new init and batches): "
-    "its distance from 1.00× is the noise level of these numbers."
+    "with speed-up ≥ 1. Diverged = seeds with a non-finite number or a final training loss "
+    "above the loss of their first steps. Step time = wall-clock time per step ÷ Adam's, "
+    "measured in the same process. The row *{fresh}* re-runs tuned Adam on fresh seeds "
+    "(new init and batches): its distance from 1.00× is the noise level of these numbers."
 )
 
 
@@ -270,6 +271,18 @@ def _baselines_section(results: dict) -> str:
     return text
 
 
+def _reuse_note(results: dict) -> str:
+    """How much of the run was reused: a resumed or cached run's wall time is not its cost."""
+    cfg = results.get("config", {})
+    if "jobs_run" not in cfg:
+        return ""
+    note = f" ({cfg['jobs_run']} jobs run, {cfg.get('jobs_reused', 0)} reused"
+    total = results.get("job_seconds_total")
+    if total is not None:
+        note += f"; every job's own time, summed: {_fmt_duration(total)}"
+    return note + ")"
+
+
 def format_markdown(results: dict) -> str:
     """The benchmark's Markdown report.
 
@@ -292,7 +305,9 @@ def format_markdown(results: dict) -> str:
         f"# Optimizer benchmark: suite `{results.get('suite', '?')}`\n\n"
         f"{cfg.get('seeds', '?')} seeds, {len(tasks)} task{'' if len(tasks) == 1 else 's'}"
         + (f" ({len(results['skipped'])} skipped)" if results.get("skipped") else "")
-        + f", wall time {NA if wall is None else _fmt_duration(wall)}.\n",
+        + f", wall time {NA if wall is None else _fmt_duration(wall)}"
+        + _reuse_note(results)
+        + ".\n",
         "## Summary: speed-up over tuned Adam\n\n" + _summary_table(results),
         "## Speed-up per task (validation loss, training loss in brackets)\n\n"
         + _speedup_table(results),

@@ -89,6 +89,7 @@ def assemble(
         by_task.setdefault(j.task.name, []).append(j)
     failed = list(failed)
     out_tasks = []
+    job_seconds = 0.0
     for task in tasks:
         entry: dict[str, Any] = {
             "name": task.name,
@@ -105,6 +106,7 @@ def assemble(
                     failed.append({"task": task.name, "row": job.row, "error": "no result"})
                 continue
             info = res.get("info", info)
+            job_seconds += float((res.get("baseline") or res).get("seconds") or 0.0)
             entry["eval_steps"], entry["train_steps"] = res["eval_steps"], res["train_steps"]
             if job.baseline is not None:
                 b = dict(res["baseline"])
@@ -121,6 +123,7 @@ def assemble(
         entry["metric"] = _metric(info, entry["runs"])
         ref = entry["runs"].get(REFERENCE)
         for run in entry["runs"].values():
+            run["diverged"] = max(run["diverged"], count_diverged(run))
             run["speed_up_valid"] = _speed_ups(entry.get("eval_steps", []), ref, run, "valid_curve")
             run["speed_up_train"] = _speed_ups(
                 entry.get("train_steps", []), ref, run, "train_curve"
@@ -139,7 +142,30 @@ def assemble(
         "failed": failed,
         "tasks": out_tasks,
         "aggregate": {r: _aggregate(out_tasks, r) for r in rows},
+        # Training time of every job (this invocation's and reused ones), one core each.
+        "job_seconds_total": round(job_seconds, 1),
     }
+
+
+def count_diverged(run: dict[str, Any]) -> int:
+    """Seeds of a row that diverged: a non-finite number, or a final full-split training
+    loss above the loss of the run's first steps (finite but blown up: an optimizer that
+    ends worse than where it started has not trained).
+
+    Args:
+      run: a row's record (`evaluate.bench_run.row_record`).
+
+    Returns:
+      The count.
+    """
+    finals = run["final"]["train_loss"]["seeds"]
+    trains, valids = run["train_curve"]["seeds"], run["valid_curve"]["seeds"]
+    count = 0
+    for final, train, valid in zip(finals, trains, valids, strict=True):
+        start = train[0]
+        non_finite = final is None or None in train or None in valid
+        count += non_finite or (start is not None and final > start)
+    return count
 
 
 def _aggregate(tasks: list[dict[str, Any]], row: str) -> dict[str, Any]:
