@@ -102,6 +102,7 @@ def test_a_tiny_suite_runs_end_to_end(first_run):
     assert "bench [" in proc.stderr  # the progress line
 
 
+@pytest.mark.slow  # three more CLI runs (~20 s); CI runs it after the default suite
 def test_a_second_candidate_reuses_the_cached_baselines_and_a_rerun_resumes(first_run):
     tmp, _ = first_run
     before = json.loads((tmp / "out" / "results.json").read_text())

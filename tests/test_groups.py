@@ -189,6 +189,7 @@ def test_readme_mixed_command_runs_and_evaluates_every_kind(tmp_path, capsys):
         assert "### kind:" in out
 
 
+@pytest.mark.slow  # ~50 s: one compile per template of the mixed family; CI runs it
 def test_meta_losses_are_normalised_by_the_uniform_predictors_loss(tmp_path):
     run = _mixed_run(tmp_path)
     theta = run.lopt.init_meta(jax.random.PRNGKey(0))
