@@ -96,6 +96,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seeds must be >= 1; got {args.seeds}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1; got {args.workers}")
+    if args.config and args.suite != "in_family":
+        raise UserError("--config chooses the family of --suite in_family; other suites ignore it")
 
 
 def _specs(texts: list[str]) -> list:

@@ -137,6 +137,8 @@ def test_a_second_candidate_reuses_the_cached_baselines_and_a_rerun_resumes(firs
         (["--optimizer", "adam=optax:sgd(0.1)", "--suite", "quick"], "taken by a baseline"),
         (["--optimizer", "optax:sgd(0.1)", "--suite", "quick", "--seeds", "0"], "--seeds"),
         (["--optimizer", "optax:sgd(0.1)", "--suite", "quick", "--tasks", "zzz*"], "matches no"),
+        (["--optimizer", "optax:sgd(0.1)", "--suite", "quick", "--config", "x.toml"], "in_family"),
+        (["--optimizer", "optax:sgd(0.1)", "--suite", "in_family"], "needs a family"),
     ],
 )
 def test_user_errors_are_one_message_and_exit_code_2(argv, message, capsys):
