@@ -24,12 +24,12 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 # Bump when anything that changes the baselines' numbers changes (training loop, metrics,
@@ -104,21 +104,6 @@ QUICK_BASELINES = (
 )
 
 
-def select(final_valid_loss: jax.Array, diverged: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The grid index with the lowest mean final validation loss over seeds.
-
-    Args:
-      final_valid_loss: [num_lrs, num_seeds].
-      diverged: [num_lrs, num_seeds] flags; a rate with a diverged seed scores +inf.
-
-    Returns:
-      `(index, scores)`.
-    """
-    per_seed = jnp.where(diverged | ~jnp.isfinite(final_valid_loss), jnp.inf, final_valid_loss)
-    score = jnp.mean(per_seed, axis=1)
-    return jnp.argmin(score), score
-
-
 def versions() -> dict[str, str]:
     """Versions of the packages that determine the numbers (part of the cache key)."""
     out = {}
@@ -174,9 +159,15 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "lopt") / "bench"
 
 
+def file_name(name: str) -> str:
+    """A task's or row's name made safe as a file name: `mlp-fashion_mnist@1000` ->
+    `mlp-fashion_mnist_1000` (runs of other characters than letters, digits, '.', '-', '_'
+    become one '_'; no extension)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "task"
+
+
 def cache_path(cache_dir: str | Path, task_name: str, baseline: str, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_name)
-    return Path(cache_dir) / safe / f"{baseline}-{key}.json"
+    return Path(cache_dir) / file_name(task_name) / f"{baseline}-{key}.json"
 
 
 def read_cache(path: Path, key: str) -> dict[str, Any] | None:

@@ -127,13 +127,9 @@ def _spec_identity(spec: Any) -> str:
     return json.dumps([str(Path(spec.target).resolve()), saved_steps(spec.target)])
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def _bench(args: argparse.Namespace) -> int:
     from evaluate import bench_run  # noqa: PLC0415
-    from evaluate.baselines import default_cache_dir, versions  # noqa: PLC0415
+    from evaluate.baselines import default_cache_dir, file_name, versions  # noqa: PLC0415
     from evaluate.bench_report import format_markdown, write_report  # noqa: PLC0415
     from evaluate.bench_suites import get_suite, missing_data  # noqa: PLC0415
     from meta_train.logging import ProgressBar  # noqa: PLC0415
@@ -170,7 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
             jobs.append(bench_run.baseline_job(t, base, settings, str(cache_dir)))
         for s in specs:
             key = bench_run.candidate_key(t, s.spec, settings, _spec_identity(s))
-            path = out / "jobs" / _safe(t.name) / f"{_safe(s.label)}-{key[:12]}.json"
+            path = out / "jobs" / file_name(t.name) / f"{file_name(s.label)}-{key[:12]}.json"
             jobs.append(bench_run.Job(t, s.label, s.spec, None, str(path), key))
 
     todo = [j for j in jobs if bench_run.cached(j) is None]
@@ -189,7 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
         job = todo[i]
         finished[0] += 1
         if status == "skipped":  # data vanished between the check and the load
-            skipped.append({"task": job.task.name, "reason": str(detail)})
+            if all(s["task"] != job.task.name for s in skipped):
+                skipped.append({"task": job.task.name, "reason": str(detail)})
         elif status == "error":
             first = str(detail).strip().splitlines()[0] if str(detail).strip() else "error"
             failed.append({"task": job.task.name, "row": job.row, "error": first})

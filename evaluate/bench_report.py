@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluate.baselines import file_name
 from evaluate.suite import _as_float, _cell, _fmt_lr
 from meta_train.logging import RunLogger, WandbError, _fmt_duration
 
@@ -440,16 +440,8 @@ def plot_speedups(results: dict, path: str) -> None:
 
 
 def task_file_name(name: str) -> str:
-    """A task's name made safe as a file name: `mlp-fashion_mnist@1000` -> `..._1000`.
-
-    Args:
-      name: the task's name.
-
-    Returns:
-      The name with every run of characters other than letters, digits, '.', '-', '_'
-      replaced by '_' (no extension).
-    """
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "task"
+    """A task's name made safe as a file name (`evaluate.baselines.file_name`)."""
+    return file_name(name)
 
 
 def _mean_curve(curve: dict | None) -> np.ndarray:

@@ -6,29 +6,19 @@ tuned Adam on each task; then summarised across tasks (`evaluate.speedup.aggrega
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evaluate.baselines import LABELS
-from evaluate.bench_run import FRESH, Job
+from evaluate.bench_run import FRESH, Job, cached
 from evaluate.bench_suites import BenchTask, Suite
 from evaluate.speedup import aggregate, coarsen, speed_up
 
 REFERENCE = "adam"
 # The training-loss speed-up reads curves merged into this many bins (5 % of the run each).
 TRAIN_SPEEDUP_BINS = 20
-
-
-def _load(job: Job) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(job.path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if data.get("key") == job.key else None
 
 
 def _metric(info: dict[str, Any], rows: dict[str, Any]) -> str:
@@ -100,9 +90,11 @@ def assemble(
         }
         info: dict[str, Any] = {}
         for job in by_task.get(task.name, []):
-            res = _load(job)
+            res = cached(job)
             if res is None:
-                if not any(f["task"] == task.name and f["row"] == job.row for f in failed):
+                if not any(f["task"] == task.name and f["row"] == job.row for f in failed) and all(
+                    s["task"] != task.name for s in skipped
+                ):
                     failed.append({"task": task.name, "row": job.row, "error": "no result"})
                 continue
             info = res.get("info", info)

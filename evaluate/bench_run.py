@@ -28,7 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from evaluate.baselines import (
     BASELINE_VERSION,
@@ -40,6 +43,8 @@ from evaluate.baselines import (
 )
 from evaluate.bench_suites import BenchTask
 from evaluate.speedup import smooth_bins
+from evaluate.suite import _num, _train, eval_steps, select_lr, train_seeds, train_step
+from meta_train.jit import jit
 
 FRESH = "adam_fresh_seeds"
 # Steps of the wall-clock probe that compares an optimizer's step time with Adam's.
@@ -106,8 +111,6 @@ def seed_keys(task_name: str, seeds: int, fresh: bool = False):
     Returns:
       [seeds] keys.
     """
-    import jax  # noqa: PLC0415
-
     base = jax.random.PRNGKey(zlib.crc32(task_name.encode()))
     return jax.random.split(jax.random.fold_in(base, 1 if fresh else 0), seeds)
 
@@ -131,8 +134,6 @@ def candidate_key(task: BenchTask, spec: str, settings: Settings, identity: str 
 
 def data_fingerprint(built: Any) -> str:
     """A hash of a built task's on-device data (what a baseline's cache entry depends on)."""
-    import jax  # noqa: PLC0415
-
     h = hashlib.sha256()
     # Array leaves only: the tree's static parts print with memory addresses, and the
     # task's JSON description already fixes the structure.
@@ -146,85 +147,42 @@ def data_fingerprint(built: Any) -> str:
 # ------------------------------------------------------------------------- the computations
 
 
-def _jit():
-    from meta_train.jit import jit  # noqa: PLC0415
+@jit(static_argnames=("baseline", "num_steps", "period"))
+def _grid(task, baseline, lrs, num_steps, keys, period):
+    """A baseline's whole learning-rate grid x seeds in one call (the rate is traced)."""
 
-    return jit
+    def one(lr, key):
+        return _train(task, baseline.transform(lr, num_steps), num_steps, key, period)
 
-
-def _grid_fn():
-    """The jitted grid x seeds trainer of a baseline (built lazily: imports JAX)."""
-    if "grid" not in _FNS:
-        import jax  # noqa: PLC0415
-        import jax.numpy as jnp  # noqa: PLC0415
-
-        from evaluate.suite import _train  # noqa: PLC0415
-
-        @_jit()(static_argnames=("baseline", "num_steps", "period"))
-        def grid(task, baseline, lrs, num_steps, keys, period):
-            def one(lr, key):
-                return _train(task, baseline.transform(lr, num_steps), num_steps, key, period)
-
-            lrs = jnp.asarray(lrs, jnp.float32)
-            return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(lrs)
-
-        _FNS["grid"] = grid
-    return _FNS["grid"]
+    lrs = jnp.asarray(lrs, jnp.float32)
+    return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(lrs)
 
 
-def _probe_fn():
-    """A jitted training loop without evaluation: what a step costs."""
-    if "probe" not in _FNS:
-        import jax  # noqa: PLC0415
-        import optax  # noqa: PLC0415
-
-        @_jit()(static_argnames=("tx", "num_steps"))
-        def probe(task, tx, num_steps, key):
-            tx = optax.with_extra_args_support(tx)
-            params = task.init(key)
-
-            def step(carry, k):
-                params, state = carry
-                loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(k, "train"))
-                updates, state = tx.update(g, state, params, loss=loss)
-                return (optax.apply_updates(params, updates), state), loss
-
-            _, losses = jax.lax.scan(
-                step, (params, tx.init(params)), jax.random.split(key, num_steps)
-            )
-            return losses[-1]
-
-        _FNS["probe"] = probe
-    return _FNS["probe"]
-
-
-_FNS: dict[str, Any] = {}
+@jit(static_argnames=("tx", "num_steps"))
+def _probe(task, tx, num_steps, key):
+    """A training loop without evaluation: what a step costs."""
+    tx = optax.with_extra_args_support(tx)
+    params = task.init(key)
+    carry = (params, tx.init(params))
+    _, losses = jax.lax.scan(train_step(task, tx), carry, jax.random.split(key, num_steps))
+    return losses[-1]
 
 
 def seconds_per_step(built: Any, tx: Any, steps: int) -> float:
     """Wall-clock seconds per training step of `tx` on `built` (compiled first, then timed)."""
-    import jax  # noqa: PLC0415
-
     n = max(1, min(PROBE_STEPS, steps))
-    fn, key = _probe_fn(), jax.random.PRNGKey(0)
-    jax.block_until_ready(fn(built, tx, n, key))
+    key = jax.random.PRNGKey(0)
+    jax.block_until_ready(_probe(built, tx, n, key))
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(built, tx, n, key))
+    jax.block_until_ready(_probe(built, tx, n, key))
     return (time.perf_counter() - t0) / n
 
 
 def step_time_ratio(built: Any, tx: Any, steps: int) -> float:
     """`tx`'s time per step over Adam's, measured back to back in this process."""
-    import optax  # noqa: PLC0415
-
     mine = seconds_per_step(built, tx, steps)
     adam = seconds_per_step(built, optax.adam(1e-3), steps)
     return mine / adam
-
-
-def _num(x: Any) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
 
 
 def _lst(a: Any) -> list:
@@ -269,8 +227,6 @@ def row_record(runs: dict[str, Any], steps: int, settings: Settings) -> dict[str
 
 
 def _curves_axes(steps: int, settings: Settings) -> dict[str, list[float]]:
-    from evaluate.suite import eval_steps  # noqa: PLC0415
-
     period = eval_every(steps, settings.eval_points)
     train_steps, _ = smooth_bins(np.zeros(steps), settings.train_bins)
     return {"eval_steps": eval_steps(steps, period), "train_steps": train_steps.tolist()}
@@ -303,10 +259,7 @@ def run_candidate(job: Job, settings: Settings) -> dict[str, Any]:
       The row record (`row_record`) plus `info`, `step_time_ratio`, `seconds` and the
       curves' step axes.
     """
-    import jax  # noqa: PLC0415
-
     from evaluate.specs import parse_spec  # noqa: PLC0415
-    from evaluate.suite import train_seeds  # noqa: PLC0415
 
     task = job.task
     built, info, _ = _BUILT.get(task, settings.data_dir)
@@ -338,24 +291,20 @@ def run_baseline(job: Job, settings: Settings) -> dict[str, Any]:
       `baseline` (grid, scores, chosen rate, edge and divergence flags, seconds), `rows`
       (the tuned row; for Adam also the fresh-seed noise reference), `info`, curve axes.
     """
-    import jax  # noqa: PLC0415
-
-    from evaluate.baselines import select  # noqa: PLC0415
-
     task, base = job.task, job.baseline
     built, info, _ = _BUILT.get(task, settings.data_dir)
     period = eval_every(task.steps, settings.eval_points)
     keys = seed_keys(task.name, settings.seeds)
     t0 = time.perf_counter()
-    grid = _grid_fn()(built, base, base.lrs, task.steps, keys, period)
-    best, scores = select(grid["final_valid_loss"], grid["diverged"])
+    grid = _grid(built, base, base.lrs, task.steps, keys, period)
+    best, scores = select_lr(grid["final_valid_loss"], grid["diverged"])
     grid, best, scores = jax.device_get((grid, best, scores))
     best = int(best)
     chosen = jax.tree.map(lambda x: x[best], grid)
     rows = {base.name: row_record(chosen, task.steps, settings)}
     lr = float(base.lrs[best])
     if base.name == "adam":
-        fresh = _grid_fn()(
+        fresh = _grid(
             built, base, (lr,), task.steps, seed_keys(task.name, settings.seeds, True), period
         )
         rows[FRESH] = row_record(
@@ -438,7 +387,6 @@ def _worker(core: int | None, settings: Settings, jobs: Any, results: Any) -> No
     if core is not None:
         # Before JAX starts: XLA sizes its thread pools from the affinity mask.
         os.sched_setaffinity(0, {core})
-    os.environ["JAX_NUM_CPU_DEVICES"] = "1"
     while True:
         item = jobs.get()
         if item is None:

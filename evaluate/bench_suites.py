@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -383,19 +382,14 @@ def missing_data(task: BenchTask, data_dir: str | None = None) -> str | None:
         elif task.kind == "lm":
             load_text(task.option("corpus", "pydoc"), data_dir)
         else:
-            family = task.option("family")
-            fam = _thaw(family)
-            names = [*fam.get("datasets", []), *fam.get("conv_datasets", [])]
-            kinds = fam.get("kinds", ["mlp"])
+            fam = _thaw(task.option("family"))
+            kinds, root = fam["kinds"], fam.get("data_dir") or data_dir
+            names = [*(fam["datasets"] if "mlp" in kinds else ()),
+                     *(fam["conv_datasets"] if "conv" in kinds else ())]  # fmt: skip
             for name in dict.fromkeys(names):
-                kind_uses = ("mlp" in kinds and name in fam.get("datasets", [])) or (
-                    "conv" in kinds and name in fam.get("conv_datasets", [])
-                )
-                if kind_uses:
-                    locate_dataset(name, fam.get("data_dir") or data_dir)
-            if "lm" in kinds:
-                for corpus in fam.get("lm_corpora", []):
-                    load_text(corpus, fam.get("data_dir") or data_dir)
+                locate_dataset(name, root)
+            for corpus in fam["lm_corpora"] if "lm" in kinds else ():
+                load_text(corpus, root)
     except DatasetNotFoundError as e:
         return str(e)
     return None
@@ -468,7 +462,3 @@ def _held_out_stream() -> int:
     from meta_train.build import HELD_OUT_STREAM  # noqa: PLC0415
 
     return HELD_OUT_STREAM
-
-
-def task_names(tasks: Sequence[BenchTask]) -> list[str]:
-    return [t.name for t in tasks]

@@ -114,6 +114,26 @@ def _period(num_steps: int, eval_every: int) -> int:
     return num_steps if eval_every < 1 else min(eval_every, num_steps)
 
 
+def train_step(task: Any, tx: Any) -> Callable:
+    """The `lax.scan` body of one training step: `((params, opt_state), key) -> (carry, loss)`.
+
+    Args:
+      task: the task (its minibatch is drawn from `key` inside the step).
+      tx: an extra-args optax transformation (it gets `loss=`).
+
+    Returns:
+      The step function.
+    """
+
+    def step(carry, k):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(k, "train"))
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return step
+
+
 def _train(task: Any, tx: Any, num_steps: int, key: PRNGKey, eval_every: int) -> dict:
     """Un-jitted body of `train` (traceable; `tx` may hold traced hyperparameters)."""
     # Plain optax transformations reject `loss=`; this wrapper makes them ignore it.
@@ -123,12 +143,7 @@ def _train(task: Any, tx: Any, num_steps: int, key: PRNGKey, eval_every: int) ->
     params = task.init(init_key)
     carry = (params, tx.init(params))
     keys = jax.random.split(data_key, num_steps)
-
-    def step(carry, k):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(k, "train"))
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    step = train_step(task, tx)
 
     def chunk(carry, ks):
         carry, losses = jax.lax.scan(step, carry, ks)

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from evaluate import baselines
-from evaluate.baselines import Baseline, cache_key, cache_path, lr_grid, read_cache, select
+from evaluate.baselines import Baseline, cache_key, cache_path, lr_grid, read_cache
+from evaluate.suite import select_lr
 
 TASK = {"name": "t@100", "kind": "mlp", "steps": 100, "options": {"dataset": "mnist1d"}}
 
@@ -51,7 +52,7 @@ def test_the_rate_may_be_traced_so_a_grid_is_one_compilation():
 def test_select_picks_the_best_mean_valid_loss_and_a_diverged_seed_disqualifies():
     loss = jnp.array([[1.0, 1.0], [0.5, 0.6], [0.1, jnp.nan]])
     diverged = jnp.array([[False, False], [False, False], [False, True]])
-    best, score = select(loss, diverged)
+    best, score = select_lr(loss, diverged)
     assert int(best) == 1 and jnp.isinf(score[2])
 
 
