@@ -1,10 +1,12 @@
 """Evaluates a meta-trained learned optimizer against tuned Adam on held-out tasks.
 
-    python -m evaluate --checkpoint RUN_DIR/checkpoints [--num-steps N] [--out DIR] [--step S]
-                       [eval.key=value ...]
+    python -m evaluate --checkpoint RUN_DIR/checkpoints [--num-steps N] [--out DIR]
+                       [--step best|latest|N] [eval.key=value ...]
 
 Uses the run's saved config (task family, eval section, seed): the same held-out tasks as
-the evaluation at the end of meta-training. `eval.key=value` overrides change the [eval]
+the evaluation at the end of meta-training. By default it loads the step with the best
+meta-validation score (`best.json` in the checkpoint directory), else the latest; a step
+other than that default writes to RUN_DIR/eval_step<N>. `eval.key=value` overrides change the [eval]
 section only (the rest is the checkpoint's). Writes results.json, results.md and curves.png
 and prints the table. User errors (a wrong checkpoint, a bad override, a missing dataset)
 end with one message and exit code 2; `--debug` shows their traceback.
@@ -37,12 +39,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="output directory (default: RUN_DIR/eval for the saved [eval] settings, "
         "RUN_DIR/eval_<N>steps with another horizon, RUN_DIR/eval_<hash> with other overrides)",
     )
-    p.add_argument("--step", type=int, default=None, help="outer step to load (default: latest)")
+    p.add_argument(
+        "--step",
+        type=_step,
+        default=None,
+        help="outer step to load: best, latest or a number (default: the best-marked step, "
+        "else the latest)",
+    )
     p.add_argument(
         "--debug", action="store_true", help="show the traceback of user errors, not only a message"
     )
     p.add_argument("overrides", nargs="*", help="[eval] overrides: eval.key=value")
     return p.parse_intermixed_args(argv)  # flags may come between the overrides
+
+
+def _step(text: str) -> int | str:
+    if text in ("best", "latest"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected best, latest or a step number, got {text!r}"
+        ) from None
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -64,8 +83,11 @@ def _check_overrides(overrides: list[str]) -> None:
     from_dict(apply_overrides({}, overrides))
 
 
-def _out_dir(args: argparse.Namespace, run_dir: Path, eval_cfg, saved_eval) -> Path:
-    """RUN_DIR/eval reproduces the saved settings; other settings never overwrite it."""
+def _out_dir(
+    args: argparse.Namespace, run_dir: Path, eval_cfg, saved_eval, other_step: int | None
+) -> Path:
+    """RUN_DIR/eval reproduces the saved settings at the default step; other settings or
+    another step never overwrite it."""
     if args.out:
         return Path(args.out)
     changed = {
@@ -76,11 +98,15 @@ def _out_dir(args: argparse.Namespace, run_dir: Path, eval_cfg, saved_eval) -> P
     if args.num_steps is not None:
         changed.add("num_steps")
     if not changed:
-        return run_dir / "eval"
-    if changed == {"num_steps"}:
-        return run_dir / f"eval_{eval_cfg.num_steps}steps"
-    digest = json.dumps(dataclasses.asdict(eval_cfg), sort_keys=True).encode()
-    return run_dir / f"eval_{hashlib.sha256(digest).hexdigest()[:8]}"
+        name = "eval"
+    elif changed == {"num_steps"}:
+        name = f"eval_{eval_cfg.num_steps}steps"
+    else:
+        digest = json.dumps(dataclasses.asdict(eval_cfg), sort_keys=True).encode()
+        name = f"eval_{hashlib.sha256(digest).hexdigest()[:8]}"
+    if other_step is not None:
+        name += f"_step{other_step}"
+    return run_dir / name
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -95,11 +121,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from evaluate.suite import run_suite  # noqa: PLC0415
     from lopt.export import as_optax, load_optax  # noqa: PLC0415
     from meta_train.build import HELD_OUT_STREAM  # noqa: PLC0415
-    from meta_train.checkpoint import load_theta  # noqa: PLC0415
+    from meta_train.checkpoint import load_theta, pick_step, read_best  # noqa: PLC0415
     from tasks.family import TaskFamily  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint)
-    _, saved = load_theta(str(ckpt), step=args.step)
+    step = pick_step(str(ckpt), args.step)
+    _, saved = load_theta(str(ckpt), step=step)
+    best = read_best(str(ckpt))
+    which = "best meta-validation score" if best and best["step"] == step else "no best marked"
+    if best and best["step"] != step:
+        which = f"the best-marked step is {best['step']}"
+    print(f"evaluating outer step {step} ({which})", file=sys.stderr)
     config = from_dict(apply_overrides(copy.deepcopy(saved), args.overrides))
     try:
         saved_config = from_dict(saved)
@@ -112,13 +144,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     horizon = config.eval.num_steps or config.meta.max_episode_len
     num_steps = args.num_steps or horizon
     # load_optax builds the optimizer exactly as users get it from the checkpoint.
-    tx, theta, lopt = load_optax(str(ckpt), num_steps, step=args.step)
+    tx, theta, lopt = load_optax(str(ckpt), num_steps, step=step)
 
     def factory(n: int):
         return tx if n == num_steps else as_optax(lopt, theta, n)
 
     eval_cfg = dataclasses.replace(config.eval, num_steps=num_steps)
-    out = _out_dir(args, ckpt.resolve().parent, eval_cfg, saved_eval)
+    default_step = pick_step(str(ckpt))
+    other = step if step != default_step else None
+    out = _out_dir(args, ckpt.resolve().parent, eval_cfg, saved_eval, other)
     family = TaskFamily(config.task_family)
     key = jax.random.fold_in(jax.random.PRNGKey(config.run.seed), HELD_OUT_STREAM)
     results = run_suite(family, {"learned": factory}, eval_cfg, key, str(out), num_steps)

@@ -55,13 +55,15 @@ def as_optax(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def load_optax(checkpoint_dir: str, num_steps: int | None = None, step: int | None = None):
+def load_optax(checkpoint_dir: str, num_steps: int | None = None, step: int | str | None = None):
     """Loads an exported learned optimizer from a meta-training checkpoint directory alone.
 
     Args:
       checkpoint_dir: the run's checkpoint directory (holds orbax steps and the config).
       num_steps: training horizon; defaults to the maximum episode length of meta-training.
-      step: which saved outer step; defaults to the latest complete one.
+      step: which saved outer step: by default the one with the best meta-validation score
+        (marked in the directory's `best.json`), else the latest; 'latest', 'best' or a
+        number choose (see `meta_train.checkpoint.pick_step`).
 
     Returns:
       `(tx, theta, lopt)`: the optax transformation, its meta-parameters and the optimizer.

@@ -177,5 +177,7 @@ def build_run(config: Config, family: TaskFamily | None = None) -> Run:
         objective=WindowObjective(m.objective, m.sign_diff, m.diff_clip),
         stagger=m.stagger,
     )
-    outer_opt = outer_optimizer(m.outer_lr, m.grad_clip)
+    outer_opt = outer_optimizer(
+        m.outer_lr, m.grad_clip, m.outer_lr_schedule, m.outer_steps, m.outer_lr_final
+    )
     return Run(config, family, lopt, estimator, outer_opt, schedule)

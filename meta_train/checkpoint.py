@@ -9,6 +9,12 @@ A checkpoint directory holds one orbax step folder per saved outer step, each wi
 * ``manifest``: for every array leaf its path, shape, dtype and SHA-256 digest, so that a
   restore can name the leaf that does not fit and never returns silently corrupted values.
 
+Next to the step folders, ``best.json`` (written by meta-training's validation, see
+`meta_train.validation`) marks the step with the best meta-validation score and holds the
+history of scores. The marked step is never rotated away, and `load_theta` (so
+`lopt.export.load_optax` and the evaluation) loads it by default; ``step="latest"`` or a
+step number loads another.
+
 Saves are synchronous and atomic (orbax writes ``N.orbax-checkpoint-tmp/`` and renames it), so a
 run killed mid-save leaves the earlier steps intact and the half-written folder is ignored (a
 save that fails with an error removes it). Meta-parameters that are not finite are never saved,
@@ -45,7 +51,10 @@ __all__ = [
     "check_compatible",
     "describe_directory",
     "load_theta",
+    "pick_step",
+    "read_best",
     "saved_steps",
+    "write_best",
 ]
 
 RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
@@ -58,11 +67,15 @@ RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
         "run.wandb_project",
         "run.max_to_keep",
         "eval.*",
+        "valid.every",  # which steps validate; the tasks, seeds and score stay the same
+        "valid.guard_*",
     }
 )
 """Config keys (``section.key``; ``section.*`` for a whole section) that may change on resume."""
 
 _MANIFEST_VERSION = 1
+BEST_FILE = "best.json"
+_BEST_VERSION = 1
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _TREE_ITEMS = ("theta", "state")
 
@@ -456,8 +469,17 @@ class Checkpointer:
             self._mgr.reload()
             raise CheckpointError(f"orbax did not write step {step} in {self.directory}")
 
-        if self.max_to_keep is not None:
-            for old in sorted(self._mgr.all_steps())[: -self.max_to_keep]:
+        self.rotate()
+
+    def rotate(self) -> None:
+        """Deletes all but the newest `max_to_keep` steps, except the step `best.json` marks
+        (never rotated away). `save` calls it; call it after moving the mark."""
+        if self.max_to_keep is None:
+            return
+        best = read_best(self.directory)
+        keep = best["step"] if best else None
+        for old in sorted(self._mgr.all_steps())[: -self.max_to_keep]:
+            if old != keep:
                 self._mgr.delete(old)
 
     def all_steps(self) -> list[int]:
@@ -544,7 +566,12 @@ class Checkpointer:
         self.close()
 
 
-def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
+Step = int | str | None
+"""Which checkpoint to load: None (the best-marked step, else the latest), "best", "latest"
+or a step number."""
+
+
+def load_theta(directory: str, step: Step = None) -> tuple[Any, dict]:
     """Loads meta-parameters and config from a checkpoint directory alone.
 
     No abstract target is needed: theta comes back as nested dicts of arrays (what flax params
@@ -552,7 +579,8 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
 
     Args:
       directory: a checkpoint directory written by `Checkpointer`.
-      step: which step; defaults to the latest.
+      step: which step (see `pick_step`): by default the step `best.json` marks (the best
+        meta-validation score), or the latest when nothing is marked.
 
     Returns:
       `(theta, config)`.
@@ -564,14 +592,10 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
       NonFiniteThetaError: its meta-parameters hold NaN or inf.
       The last two end with the earlier steps on disk, if any.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(directory):
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory} is a file, not a checkpoint directory")
+    directory = _existing_directory(directory)
     mgr = _manager(directory, create=False)
     try:
-        step = _pick_step(mgr, directory, step)
+        step = _resolve_step(mgr, directory, step)
         where = os.path.join(directory, str(step))
         try:
             manifest = _read_manifest(mgr, step, where)
@@ -592,6 +616,101 @@ def load_theta(directory: str, step: int | None = None) -> tuple[Any, dict]:
         return out.theta, out.config
     finally:
         mgr.close()
+
+
+def _existing_directory(directory: str) -> str:
+    """The absolute path of a checkpoint directory that exists (else CheckpointError)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.exists(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory")
+    return directory
+
+
+def _resolve_step(mgr: ocp.CheckpointManager, directory: str, step: Step) -> int:
+    if step is None or step == "best":
+        best = read_best(directory)
+        if best is None:
+            if step == "best":
+                raise CheckpointError(
+                    f"no best step is marked in {directory} (no {BEST_FILE}: the run had no "
+                    "meta-validation); load step='latest' or a step number"
+                )
+            return _pick_step(mgr, directory, None)
+        steps = sorted(mgr.all_steps())
+        if best["step"] not in steps:
+            raise CheckpointError(
+                f"{BEST_FILE} in {directory} marks step {best['step']} as the best, but that "
+                f"step is not on disk (steps: {steps}); load step='latest' or a step number"
+            )
+        return best["step"]
+    if step == "latest":
+        return _pick_step(mgr, directory, None)
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise CheckpointError(f"step must be None, 'best', 'latest' or a number, got {step!r}")
+    return _pick_step(mgr, directory, int(step))
+
+
+def pick_step(directory: str, step: Step = None) -> int:
+    """The step `load_theta(directory, step)` loads.
+
+    Args:
+      directory: a checkpoint directory.
+      step: None (the best-marked step, else the latest), 'best' (must be marked),
+        'latest' or a step number.
+
+    Raises:
+      CheckpointError: no such step, nothing saved, or a marked step that is not on disk.
+    """
+    directory = _existing_directory(directory)
+    mgr = _manager(directory, create=False)
+    try:
+        return _resolve_step(mgr, directory, step)
+    finally:
+        mgr.close()
+
+
+def read_best(directory: str) -> dict | None:
+    """The best-step marker of a checkpoint directory (`BEST_FILE`), or None without one.
+
+    Returns:
+      `{'step': int, 'score': float, 'metric': str, 'history': [...], ...}`.
+
+    Raises:
+      CorruptCheckpointError: the file exists but is not a valid marker.
+    """
+    path = os.path.join(os.fspath(directory), BEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"cannot read {path} ({_first_line(e)})") from e
+    if (
+        not isinstance(record, dict)
+        or record.get("version") != _BEST_VERSION
+        or not isinstance(record.get("step"), int)
+        or not isinstance(record.get("history"), list)
+    ):
+        raise CorruptCheckpointError(f"{path} is not a best-step marker of this version")
+    return record
+
+
+def write_best(directory: str, record: dict) -> None:
+    """Writes the best-step marker atomically (write, then rename).
+
+    Args:
+      directory: the checkpoint directory; `record['step']` must be saved there already.
+      record: `{'step': int, 'score': float, 'history': [...], ...}` (JSON-serialisable).
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, BEST_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": _BEST_VERSION, **record}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _local_theta_target(mgr: ocp.CheckpointManager, step: int, where: str) -> Any:

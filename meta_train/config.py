@@ -140,6 +140,8 @@ _staggers = _names("meta_train.estimators", "STAGGERS")
 _lopt_kinds = _names("lopt.registry", "LOPTS", sort=True)
 _datasets = _names("tasks.datasets", "DATASETS")
 _kinds = _names("tasks.family", "KINDS")
+_valid_metrics = _names("meta_train.validation", "METRICS")
+_guard_actions = _names("meta_train.validation", "GUARD_ACTIONS")
 _lm_models = _names("tasks.language", "MODELS")
 _activations = _names("tasks.classification", "ACTIVATIONS", sort=True)
 
@@ -213,6 +215,8 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "max_episode_len": int_at_least(1),
         "outer_steps": int_at_least(1),
         "outer_lr": POSITIVE,
+        "outer_lr_schedule": OneOf(_names("meta_train.learner", "SCHEDULES")),
+        "outer_lr_final": Rule("a fraction in (0, 1]", lambda v: _finite(v) and 0 < v <= 1),
         "grad_clip": POSITIVE,
         "loss_clip": POSITIVE,
         "task_groups": int_at_least(1),
@@ -228,6 +232,18 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "num_steps": int_at_least(0, " (0: meta.max_episode_len)"),
         "adam_lrs": Items(POSITIVE),
         "eval_every": int_at_least(0, " (0: only at the start and the end)"),
+    },
+    "valid": {
+        "every": int_at_least(0, " (0: no meta-validation)"),
+        "num_tasks": int_at_least(1),
+        "num_seeds": int_at_least(1),
+        "points": int_at_least(1),
+        "adam_lr": POSITIVE,
+        "metric": OneOf(_valid_metrics),
+        "guard_margin": Rule("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+        "guard_patience": int_at_least(1),
+        "guard_action": OneOf(_guard_actions),
+        "guard_lr_factor": Rule("a number in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
     },
 }
 """What every config key may hold, per section: the one place for per-key rules."""
@@ -307,6 +323,9 @@ class MetaConfig:
         range (rounded to whole windows) at every reset.
       outer_steps: outer (meta) steps.
       outer_lr: learning rate of the outer Adam.
+      outer_lr_schedule: 'constant', or 'cosine' (decay to outer_lr × outer_lr_final over
+        meta.outer_steps; a resumed run with more outer steps stretches the rest of it).
+      outer_lr_final: the fraction of outer_lr a cosine schedule ends at.
       grad_clip: global-norm clip of the meta-gradient.
       loss_clip: clip normalised task losses (the loss divided by ln(num_classes), the
         uniform predictor's, see `meta_train.lopt_problem`) at this value (NaN maps to it).
@@ -335,6 +354,8 @@ class MetaConfig:
     max_episode_len: int = 400
     outer_steps: int = 200
     outer_lr: float = 3e-3
+    outer_lr_schedule: str = "constant"
+    outer_lr_final: float = 0.1
     grad_clip: float = 1.0
     loss_clip: float = 1.5
     task_groups: int = 1
@@ -395,12 +416,56 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidConfig:
+    """Meta-validation during meta-training, best-checkpoint selection and the guard
+    (see `meta_train.validation`).
+
+    Attributes:
+      every: validate every this many outer steps, and before the first and after the last
+        (0: never; no best checkpoint is then kept).
+      num_tasks: held-out tasks, drawn once per run from the family's held-out stream (other
+        tasks than the evaluation's), spread over its templates and over its horizons
+        (geometrically from meta.min_episode_len to meta.max_episode_len).
+      num_seeds: training seeds per task (fixed for the run).
+      points: validation losses recorded per training run (evenly spaced).
+      adam_lr: the learning rate of the Adam reference, run once at the start on the same
+        tasks and seeds.
+      metric: what the score compares with Adam: 'final' (validation loss at the end of
+        each run) or 'mean' (mean over the recorded points: how fast it gets there). The
+        score is the mean over tasks of the learned optimizer's value divided by Adam's;
+        lower is better, and a diverged run makes it infinite.
+      guard_margin: an evaluation counts as worse when its score exceeds the best by more
+        than this fraction of the best.
+      guard_patience: the guard fires after this many worse evaluations in a row.
+      guard_action: 'warn' (say so and go on), 'lower_lr' (also multiply the outer learning
+        rate by guard_lr_factor) or 'stop' (end meta-training). The best checkpoint is kept
+        in every case.
+      guard_lr_factor: the factor of 'lower_lr'.
+    """
+
+    every: int = 250
+    num_tasks: int = 4
+    num_seeds: int = 2
+    points: int = 10
+    adam_lr: float = 1e-3
+    metric: str = "final"
+    guard_margin: float = 0.05
+    guard_patience: int = 3
+    guard_action: str = "lower_lr"
+    guard_lr_factor: float = 0.5
+
+    def __post_init__(self):
+        check_section("valid", self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     task_family: FamilyConfig = FamilyConfig()
     lopt: LOptConfig = LOptConfig()
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
+    valid: ValidConfig = ValidConfig()
 
     def __post_init__(self):
         # The other sections check themselves; FamilyConfig lives in tasks.family.

@@ -46,6 +46,18 @@ def use_cpu_cores(devices: int = 0) -> int:
     return want
 
 
+def serialize_collectives() -> bool:
+    """Whether programs with cross-device collectives must run one at a time.
+
+    XLA's CPU runtime runs programs without data dependencies at once on a shared thread
+    pool; two such programs each waiting in an all-reduce for its other device's half can
+    hold every thread (2 cores: 2 threads) and deadlock until the rendezvous times out
+    (40 s, then the process aborts). Seen in long runs that switch templates, whose groups
+    are separate programs (`meta_train.learner.grouped_outer_step`).
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
 def pair_sharding(num_pairs: int) -> tuple[NamedSharding, NamedSharding] | None:
     """(sharded over pairs, replicated) shardings over all default devices, or None when
     one device holds everything (one device, or pairs not divisible by the device count)."""

@@ -166,13 +166,19 @@ def combine_estimates(
         "resets": sum(s["resets"] for s in stats),
         "reset_fraction": sum(s["reset_pairs"] for s in stats) / n_pairs,
         "diverged_pairs": sum(s["diverged"] for s in stats),
+        # Member-steps whose loss sat at the loss clip: there a diverging member and a
+        # merely bad one look alike, and their difference carries no signal.
+        "loss_clip_fraction": sum(s["at_clip"] * s["pairs"] for s in stats) / n_pairs,
         "estimate_variance": var,
     }
     return grad, metrics
 
 
-def _window_stats(out: WindowOut, ok: jax.Array, objective: WindowObjective) -> dict:
+def _window_stats(
+    out: WindowOut, ok: jax.Array, objective: WindowObjective, loss_clip: float | None = None
+) -> dict:
     crossed = jnp.any(out.resets, axis=1)
+    at_clip = jnp.mean(out.losses >= loss_clip) if loss_clip else jnp.zeros(())
     before, after = jax.vmap(objective.split)(out)
     return {
         # The window objective itself (mean over pairs and members), whatever its kind.
@@ -180,6 +186,7 @@ def _window_stats(out: WindowOut, ok: jax.Array, objective: WindowObjective) -> 
         "resets": jnp.sum(out.resets),
         "reset_pairs": jnp.sum(crossed),
         "diverged": jnp.sum(~ok),
+        "at_clip": at_clip,
         "pairs": out.losses.shape[0],
     }
 
@@ -338,7 +345,13 @@ class PersistentES(_Base):
         ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
         restart = jnp.where(ran_after[:, None], eps, 0.0)
         new_accum = jnp.where(crossed[:, None], restart, xi) if self.mode == "pes" else accum
-        return per_pair, particles, new_accum, eps, _window_stats(out, ok, self.objective)
+        return (
+            per_pair,
+            particles,
+            new_accum,
+            eps,
+            _window_stats(out, ok, self.objective, _loss_clip(problem)),
+        )
 
     def estimate_per_pair(
         self, state: EstimatorState, theta: Any, key: jax.Array, first_group: int = 0
@@ -419,7 +432,7 @@ class FullES(_Base):
             ok = jnp.all(out.finite, axis=(1, 2))
             d = jnp.where(ok, self.objective.transform(total[:, 0] - total[:, 1]), 0.0)
             per_pairs.append((d / (2.0 * self.sigma**2))[:, None] * eps)
-            stats.append(_window_stats(out, ok, self.objective))
+            stats.append(_window_stats(out, ok, self.objective, _loss_clip(problem)))
         return jnp.concatenate(per_pairs), state, stats
 
 
@@ -473,8 +486,13 @@ class TBPTT(_Base):
             flat_grads = jax.vmap(lambda t: ravel_pytree(t)[0])(_zero_nan(grads))  # [pairs, D]
             per_pairs.append((ok & finite).astype(flat_grads.dtype)[:, None] * flat_grads)
             groups.append(parts)
-            stats.append(_window_stats(out, ok, self.objective))
+            stats.append(_window_stats(out, ok, self.objective, _loss_clip(problem)))
         return jnp.concatenate(per_pairs), EstimatorState(tuple(groups)), stats
+
+
+def _loss_clip(problem) -> float | None:
+    """The problem's loss clip, if it clips (learned-optimizer problems do)."""
+    return getattr(problem, "loss_clip", None)
 
 
 def _zero_nan(tree: Any) -> Any:

@@ -17,6 +17,7 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
+from meta_train.devices import serialize_collectives
 from meta_train.estimators import EstimatorState, combine_estimates
 from meta_train.jit import jit
 
@@ -31,6 +32,8 @@ class LearnerState(struct.PyTreeNode):
       key: the run's PRNG key (raw uint32 key data).
       step: outer steps done.
       last_grad: the previous meta-gradient, flattened (for the consecutive-gradient cosine).
+      lr_scale: multiplies the outer optimizer's updates (the outer learning rate); lowered by
+        meta-validation's guard (`meta_train.validation.Guard`).
     """
 
     theta: Any
@@ -39,16 +42,41 @@ class LearnerState(struct.PyTreeNode):
     key: jax.Array
     step: jax.Array
     last_grad: Any
+    lr_scale: jax.Array
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 @functools.cache
-def outer_optimizer(learning_rate: float, grad_clip: float) -> optax.GradientTransformation:
+def outer_optimizer(
+    learning_rate: float,
+    grad_clip: float,
+    schedule: str = "constant",
+    total_steps: int = 0,
+    final_fraction: float = 0.1,
+) -> optax.GradientTransformation:
     """Adam on the meta-gradient after global-norm clipping.
 
     Cached, so runs with equal settings pass the identical (static) object to `outer_step`
     and share its compilation.
+
+    Args:
+      learning_rate: Adam's (peak) learning rate.
+      grad_clip: global-norm clip of the meta-gradient.
+      schedule: 'constant', or 'cosine': decay from `learning_rate` to
+        `final_fraction × learning_rate` over `total_steps` outer steps (then constant).
+        The noise of ES estimates keeps moving θ at a rate set by the learning rate; the
+        decay lets a long run settle instead of drifting at its end.
+      total_steps: the run's outer steps (for 'cosine').
+      final_fraction: the learning rate's fraction at the end of a cosine schedule.
     """
-    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown outer learning-rate schedule {schedule!r}; known {SCHEDULES}")
+    lr = learning_rate
+    if schedule == "cosine":
+        lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), final_fraction)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(lr))
 
 
 @jit(static_argnames=("outer_opt",))
@@ -62,6 +90,7 @@ def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerSta
         key=k_run,
         step=jnp.zeros((), jnp.int32),
         last_grad=jnp.zeros_like(ravel_pytree(theta)[0]),
+        lr_scale=jnp.ones((), jnp.float32),
     )
 
 
@@ -72,12 +101,12 @@ def _apply(state: LearnerState, grad, est_state, key, metrics: dict, outer_opt):
     finite = jnp.all(jnp.isfinite(grad))
     grad = jnp.where(finite, grad, 0.0)
     updates, opt_state = outer_opt.update(grad, state.opt_state, theta)
-    theta = unravel(theta + updates)
+    theta = unravel(theta + state.lr_scale * updates)  # Adam's step is linear in its rate
     norm = jnp.linalg.norm(grad)
     last_norm = jnp.linalg.norm(state.last_grad)
     cosine = jnp.vdot(grad, state.last_grad) / jnp.maximum(norm * last_norm, 1e-30)
     metrics = dict(metrics, grad_norm=norm, grad_finite=finite, grad_cosine=cosine)
-    new = LearnerState(theta, opt_state, est_state, key, state.step + 1, grad)
+    new = LearnerState(theta, opt_state, est_state, key, state.step + 1, grad, state.lr_scale)
     return new, metrics
 
 
@@ -124,10 +153,13 @@ def grouped_outer_step(estimators, state: LearnerState, outer_opt) -> tuple[Lear
     """
     key, k_est = jax.random.split(state.key)
     per_pairs, stats, groups = [], [], []
+    one_at_a_time = serialize_collectives()
     for g, est in enumerate(estimators):
         per_pair, group_state, group_stats = estimate_group(
             est, state.est_state.group(g), state.theta, k_est, jnp.int32(g)
         )
+        if one_at_a_time:  # see `serialize_collectives`: the groups share no data
+            jax.block_until_ready(per_pair)
         per_pairs.append(per_pair)
         stats.append(group_stats)
         groups.append(group_state)

@@ -225,6 +225,19 @@ class RunLogger:
         if self.run is not None:
             self.run.summary.update(values)
 
+    def alert(self, title: str, text: str) -> None:
+        """Records a warning: in the summary (``alerts``) and as a wandb alert, which online
+        runs send to the user (offline runs keep it in the summary)."""
+        alerts = []
+        if self.summary_path.exists():
+            try:
+                alerts = list(json.loads(self.summary_path.read_text()).get("alerts", []))
+            except (json.JSONDecodeError, AttributeError):
+                alerts = []
+        self.summary({"alerts": [*alerts, f"{title}: {text}"]})
+        if self.run is not None and self.mode == "online":
+            self.run.alert(title=title, text=text)
+
     def finish(self, exit_code: int | None = None) -> None:
         """Closes metrics.jsonl and finishes the wandb run; safe to call twice.
 
@@ -373,6 +386,16 @@ class ProgressBar:
         now = self._clock()
         if self._tty or now - self._last_print >= self.print_every:
             self._write_line(now)
+
+    def write(self, text: str) -> None:
+        """Writes a message on its own line; on a terminal the bar is redrawn below it."""
+        if self._tty:
+            self.stream.write("\r" + " " * self._last_len + "\r" + text + "\n")
+            self._last_len = 0
+            self._write_line(self._clock())
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
         """Writes the final line (and a newline on a TTY); safe to call twice."""

@@ -2,9 +2,11 @@
 
     python -m meta_train.main --config configs/default.toml [--resume] [section.key=value ...]
 
-Writes into `run.out_dir`: `config.json` (the resolved config), `checkpoints/` (orbax),
-`metrics.jsonl` and `wandb/` (offline by default), and `eval/` (results.json, results.md,
-curves.png).
+Writes into `run.out_dir`: `config.json` (the resolved config), `checkpoints/` (orbax;
+`best.json` marks the step with the best meta-validation score, which is never rotated
+away and is what the evaluation and `lopt.export.load_optax` load), `metrics.jsonl` and
+`wandb/` (offline by default; meta-validation under `valid/`), and `eval/` (results.json,
+results.md, curves.png).
 
 A new run refuses a folder that holds checkpoints; `--resume` refuses a folder without one
 (a mistyped folder never starts over). User errors (bad config values, a missing dataset,
@@ -15,24 +17,31 @@ a config that differs from the checkpoint's, ...) end with one message and exit 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from meta_train.build import Run, build_run
 from meta_train.checkpoint import (
     Checkpointer,
     check_compatible,
     describe_directory,
+    load_theta,
+    pick_step,
+    read_best,
     saved_steps,
+    write_best,
 )
 from meta_train.cli import run_cli
 from meta_train.config import Config, ConfigError, load_config, save_config
 from meta_train.devices import use_cpu_cores
 from meta_train.logging import ProgressBar, RunLogger
+from meta_train.validation import Guard, build_validator, make_guard
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +108,103 @@ def _restore(run: Run, ckpt: Checkpointer, step: int):
     return rest.replace(theta=theta)
 
 
+class _Validation:
+    """Meta-validation inside the training loop: scores, logs, the guard and the best-step
+    marker (`best.json`), restored from that marker on resume."""
+
+    def __init__(self, run: Run, ckpt: Checkpointer, logger: RunLogger, bar, start: int):
+        self.ckpt, self.logger, self.bar = ckpt, logger, bar
+        self.metric = run.config.valid.metric
+        self.guard: Guard = make_guard(run)
+        saved = read_best(ckpt.directory) if start > 0 else None
+        # Records after the resumed step are redone (validation is deterministic).
+        self.history = [r for r in (saved or {}).get("history", []) if r["step"] <= start]
+        self.guard.replay(self.history)
+        self.t0 = time.perf_counter()
+        self.validator = build_validator(run)
+        self.seconds = self.validator.adam_seconds
+        self.last_seconds = 0.0
+        tasks = self.validator.describe()
+        logger.summary({"valid_tasks": tasks})
+        horizons = ", ".join(str(t["horizon"]) for t in tasks)
+        adam = ", ".join(f"{t['adam_final']:.3f}" for t in tasks)
+        v = run.config.valid
+        bar.write(
+            f"meta-validation: {len(tasks)} held-out tasks (horizons {horizons}) x "
+            f"{v.num_seeds} seeds; Adam {v.adam_lr:g} final valid loss {adam}"
+        )
+
+    def run(self, done: int, state) -> bool:
+        """Validates θ after `done` outer steps; True when it is the best so far."""
+        result = self.validator(state.theta)
+        self.last_seconds = result["seconds"]
+        self.seconds += result["seconds"]
+        is_best, message = self.guard.observe(done, result["score"])
+        score = result["score"]
+        self.history.append(
+            {
+                "step": done,
+                "score": score if math.isfinite(score) else None,
+                "ratio_final": result["ratio_final"],
+                "ratio_mean": result["ratio_mean"],
+            }
+        )
+        cost = self.seconds / max(time.perf_counter() - self.t0, 1e-9)
+        values = {f"valid/{k}": v for k, v in result.items()}
+        values.update(
+            {
+                "valid/best_score": self.guard.best_score,
+                "valid/best_step": float(self.guard.best_step or 0),
+                "valid/cost_fraction": cost,
+                "valid/lr_scale": self.guard.lr_scale,
+                "valid/guard_fired": float(message is not None),
+            }
+        )
+        self.logger.log(done, values)
+        flag = (
+            " (new best)"
+            if is_best
+            else f" (best {self.guard.best_score:.4f} at {self.guard.best_step})"
+        )
+        self.bar.write(
+            f"valid @ {done}: score {score:.4f} = {self.metric} valid loss / Adam's{flag}; "
+            f"final {result['final_loss']:.4f} ({result['ratio_final']:.3f}x Adam), "
+            f"mean {result['mean_loss']:.4f} ({result['ratio_mean']:.3f}x); "
+            f"{result['seconds']:.1f} s, {cost:.1%} of the run"
+        )
+        if message is not None:
+            self.bar.write(f"guard @ {done}: {message}")
+            self.logger.alert("meta-validation is worsening", message)
+        return is_best
+
+    def mark(self) -> None:
+        """Writes the marker (the best step, saved by now, and the history), then lets the
+        checkpointer drop a formerly best step."""
+        if self.guard.best_step is None:
+            return
+        write_best(
+            self.ckpt.directory,
+            {
+                "step": self.guard.best_step,
+                "score": self.guard.best_score,
+                "metric": self.metric,
+                "lr_scale": self.guard.lr_scale,
+                "guard_fired": self.guard.fired,
+                "history": self.history,
+            },
+        )
+        self.ckpt.rotate()
+
+    def summary(self) -> dict:
+        return {
+            "valid_best_step": self.guard.best_step,
+            "valid_best_score": self.guard.best_score,
+            "valid_seconds": self.seconds,
+            "valid_guard_fired": self.guard.fired,
+            "valid_stopped": self.guard.stop,
+        }
+
+
 def meta_train(run: Run, *, resume: Resume = False, stream=None):
     """Runs (or resumes) meta-training.
 
@@ -147,6 +253,13 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
     metrics: dict = {}
     failed = True
     try:
+        validation = _Validation(run, ckpt, logger, bar, start) if cfg.valid.every else None
+        if validation is not None:
+            state = state.replace(lr_scale=jnp.asarray(validation.guard.lr_scale, jnp.float32))
+            if start == 0:  # the starting point is the first candidate for the best
+                if validation.run(0, state):
+                    ckpt.save(0, state.theta, state.replace(theta=()), cfg.to_dict())
+                validation.mark()
         t_log, logged_at = time.perf_counter(), start
         for step in range(start, total):
             state, metrics = run.outer_step(state, step)
@@ -174,8 +287,20 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                     grad_cos=metrics["grad_cosine"],
                     reset_frac=metrics["reset_fraction"],
                 )
-            if done % cfg.run.checkpoint_every == 0 or done == total:
+            best = stop = False
+            if validation is not None and (done % cfg.valid.every == 0 or done == total):
+                best = validation.run(done, state)
+                stop = validation.guard.stop
+                state = state.replace(lr_scale=jnp.asarray(validation.guard.lr_scale, jnp.float32))
+                t_log += validation.last_seconds  # validation is not training throughput
+            if best or stop or done % cfg.run.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
+            if validation is not None:
+                validation.mark()  # after the save: the marked step is always on disk
+            if stop:
+                break
+        if validation is not None:
+            logger.summary(validation.summary())
         failed = False
     finally:
         bar.close()
@@ -185,7 +310,8 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
 
 
 def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
-    """Evaluates the learned optimizer against tuned Adam on held-out tasks."""
+    """Evaluates the learned optimizer with meta-parameters `theta` against tuned Adam on
+    held-out tasks."""
     from evaluate.suite import run_suite  # noqa: PLC0415 - matplotlib only when needed
     from lopt.export import as_optax  # noqa: PLC0415
 
@@ -213,7 +339,11 @@ def _main(args: argparse.Namespace) -> int:
     print(f"meta-training: {int(state.step)} outer steps in {t_train:.0f} s", file=sys.stderr)
     if not args.no_eval:
         out = Path(config.run.out_dir) / "eval"
-        results = evaluate_run(run, state.theta, out)
+        ckpt_dir = Path(config.run.out_dir) / "checkpoints"
+        step = pick_step(str(ckpt_dir))  # the best-marked step, else the latest
+        theta = load_theta(str(ckpt_dir), step)[0] if step != int(state.step) else state.theta
+        print(f"evaluating the meta-parameters of outer step {step}", file=sys.stderr)
+        results = evaluate_run(run, theta, out)
         print(results["table"])
         print(f"\nresults: {out}/results.json, {out}/results.md, {out}/curves.png")
     print(f"total wall time {time.perf_counter() - t0:.0f} s", file=sys.stderr)

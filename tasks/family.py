@@ -430,11 +430,16 @@ class TaskFamily:
         """The traceable sampler of template `template`'s numbers (compared by value)."""
         return self.templates[template].sampler
 
-    def sample_with_info(self, key: jax.Array) -> tuple[Any, dict]:
+    def sample_with_info(self, key: jax.Array, template: int | None = None) -> tuple[Any, dict]:
         """A whole task (shape and numbers, no augmentation), e.g. a held-out evaluation
-        task, and a JSON-friendly description of it."""
+        task, and a JSON-friendly description of it.
+
+        Args:
+          key: draws the template (unless given) and the task's numbers.
+          template: the shape to draw numbers for (None: sampled with `sample_template`).
+        """
         k1, k2 = jax.random.split(key)
-        t = self.sample_template(k1)
+        t = self.sample_template(k1) if template is None else int(template)
         template = self.templates[t]
         hp = template.sampler(k2).hp
         info = {

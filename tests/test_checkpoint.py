@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import signal
@@ -27,7 +28,10 @@ from meta_train.checkpoint import (
     NonFiniteThetaError,
     check_compatible,
     load_theta,
+    pick_step,
+    read_best,
     saved_steps,
+    write_best,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,7 +428,7 @@ def test_mutable_keys_exist_in_the_run_config():
     for key in RESUME_MUTABLE_KEYS:
         section, name = key.split(".")
         assert section in sections, key
-        assert name == "*" or name in sections[section], key
+        assert any(fnmatch.fnmatchcase(k, name) for k in sections[section]), key
 
 
 # ------------------------------------------------------------------- non-finite meta-parameters
@@ -518,3 +522,54 @@ def test_where_a_run_lives_is_not_part_of_its_identity():
     saved = dict(CONFIG, run=dict(CONFIG["run"], out_dir="runs/a"))
     moved = dict(CONFIG, run=dict(CONFIG["run"], out_dir="/elsewhere/runs/a-copy"))
     check_compatible(saved, moved)
+
+
+# ------------------------------------------------------------------------------ the best step
+
+
+def _save_steps(ckpt: Checkpointer, steps, best: int | None = None):
+    for step in steps:
+        ckpt.save(step, make_theta(float(step)), make_state(step), CONFIG)
+        if best == step:
+            write_best(ckpt.directory, {"step": step, "score": 0.5, "history": []})
+
+
+def test_the_best_step_survives_rotation_and_loads_by_default(ckpt_dir):
+    with Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
+        _save_steps(ckpt, [1, 2, 3, 4, 5], best=2)
+        assert ckpt.all_steps() == [2, 4, 5]  # the newest two, and the best
+    assert pick_step(ckpt_dir) == 2
+    theta, _ = load_theta(ckpt_dir)  # the best by default
+    np.testing.assert_array_equal(theta["dense_1"]["kernel"], 2.0 * np.ones((4, 2)))
+    theta, _ = load_theta(ckpt_dir, "latest")
+    np.testing.assert_array_equal(theta["dense_1"]["kernel"], 5.0 * np.ones((4, 2)))
+    assert pick_step(ckpt_dir, 4) == 4 and pick_step(ckpt_dir, "best") == 2
+
+
+def test_a_formerly_best_step_rotates_away_once_the_mark_moves(ckpt_dir):
+    with Checkpointer(ckpt_dir, max_to_keep=1) as ckpt:
+        _save_steps(ckpt, [1, 2], best=1)
+        assert ckpt.all_steps() == [1, 2]
+        write_best(ckpt.directory, {"step": 2, "score": 0.4, "history": []})
+        ckpt.rotate()
+        assert ckpt.all_steps() == [2]
+
+
+def test_without_a_mark_the_latest_step_loads(ckpt_dir):
+    with Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
+        _save_steps(ckpt, [1, 2])
+    assert read_best(ckpt_dir) is None and pick_step(ckpt_dir) == 2
+    with pytest.raises(CheckpointError, match="no best step is marked"):
+        pick_step(ckpt_dir, "best")
+
+
+def test_a_mark_of_a_missing_step_or_a_corrupt_mark_is_an_error(ckpt_dir):
+    with Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
+        _save_steps(ckpt, [1, 2])
+    write_best(ckpt_dir, {"step": 7, "score": 0.5, "history": []})
+    with pytest.raises(CheckpointError, match="marks step 7 as the best.*not on disk"):
+        load_theta(ckpt_dir)
+    assert pick_step(ckpt_dir, "latest") == 2  # the user can still choose
+    Path(ckpt_dir, "best.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="best.json"):
+        load_theta(ckpt_dir)

@@ -25,6 +25,7 @@ TINY = [
     "meta.max_episode_len=50",
     "meta.task_groups=1",
     "run.wandb_mode='disabled'",
+    "valid.every=0",  # meta-validation has its own tests (test_validation.py)
 ]
 
 SCRIPT = textwrap.dedent(

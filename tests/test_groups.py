@@ -70,6 +70,7 @@ MIXED = [
     "run.wandb_mode=disabled",
     "run.log_every=1",
     "run.checkpoint_every=2",
+    "valid.every=0",  # meta-validation has its own tests (test_validation.py)
 ]
 
 

@@ -179,3 +179,34 @@ def test_progress_bar_before_any_step():
     assert bar.format() == "meta-train [..........] 0/10 outer steps | ? it/s | ETA ?"
     bar.close()
     assert stream.getvalue() == bar.format() + "\n"
+
+
+def test_progress_bar_messages_go_on_their_own_lines():
+    clock, stream = FakeClock(), io.StringIO()
+    bar = ProgressBar(10, stream=stream, print_every=100, clock=clock)
+    bar.write("valid @ 0: score 1.0")
+    assert stream.getvalue() == "valid @ 0: score 1.0\n"
+    tty = FakeTTY()
+    bar = ProgressBar(10, stream=tty, clock=clock)
+    clock.now = 1.0
+    bar.update(1)
+    bar.write("guard @ 1: worse")
+    text = tty.getvalue()
+    # The bar's line is blanked, the message gets a line, the bar is redrawn below it.
+    assert "\rguard @ 1: worse\n" in text
+    assert text.rstrip().endswith("ETA 9s")
+    bar.close()
+
+
+def test_alerts_accumulate_in_the_summary(tmp_path, isolated_env):
+    logger = RunLogger(str(tmp_path), CONFIG, mode="disabled")
+    logger.summary({"loss": 0.5})
+    logger.alert("meta-validation is worsening", "score 2 after 1")
+    logger.alert("meta-validation is worsening", "score 3 after 2")
+    logger.finish()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss"] == 0.5
+    assert summary["alerts"] == [
+        "meta-validation is worsening: score 2 after 1",
+        "meta-validation is worsening: score 3 after 2",
+    ]

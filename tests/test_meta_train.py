@@ -41,6 +41,7 @@ TINY = [
     "meta.task_groups=1",
     "run.wandb_mode=disabled",
     "run.log_every=5",
+    "valid.every=0",  # meta-validation has its own tests (test_validation.py)
 ]
 
 
@@ -110,6 +111,9 @@ def test_diverging_inner_runs_never_poison_theta(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.theta))
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 5 and any(r["diverged_pairs"] > 0 for r in log)
+    # Diverged members sit at the loss clip, and the log says how often.
+    assert any(r["loss_clip_fraction"] > 0 for r in log)
+    assert all(0 <= r["loss_clip_fraction"] <= 1 for r in log)
     assert all(np.isfinite(r["grad_norm"]) and np.isfinite(r["meta_loss"]) for r in log)
 
 
