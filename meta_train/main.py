@@ -177,6 +177,10 @@ class _Validation:
             self.logger.alert("meta-validation is worsening", message)
         return is_best
 
+    def steps(self) -> set[int]:
+        """The outer steps validated so far."""
+        return {r["step"] for r in self.history}
+
     def mark(self) -> None:
         """Writes the marker (the best step, saved by now, and the history), then lets the
         checkpointer drop a formerly best step."""
@@ -256,8 +260,11 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
         validation = _Validation(run, ckpt, logger, bar, start) if cfg.valid.every else None
         if validation is not None:
             state = state.replace(lr_scale=jnp.asarray(validation.guard.lr_scale, jnp.float32))
-            if start == 0:  # the starting point is the first candidate for the best
-                if validation.run(0, state):
+            # The starting point is the first candidate for the best; a resumed run also
+            # redoes a due validation that a crash after its checkpoint left unrecorded.
+            due = start % cfg.valid.every == 0 or start == total
+            if start == 0 or (due and start not in validation.steps()):
+                if validation.run(start, state) and start == 0:
                     ckpt.save(0, state.theta, state.replace(theta=()), cfg.to_dict())
                 validation.mark()
         t_log, logged_at = time.perf_counter(), start

@@ -60,6 +60,7 @@ def test_tasks_span_templates_and_horizons_and_are_not_the_evaluations(tmp_path)
     tasks = validation_tasks(run.family, run.held_out_key(), 2, 20, 40)
     assert sorted(t.info["template"] for t in tasks) == [0, 1]  # every template first
     assert sorted(t.horizon for t in tasks) == [20, 40]
+
     def numbers(task):  # what a task draws: its hyperparameters (init seed, activation, ...)
         return np.concatenate([np.ravel(x) for x in jax.tree.leaves(task.hp)]).tolist()
 
@@ -114,7 +115,9 @@ def test_best_checkpoint_survives_rotation_and_resume(tmp_path):
         jax.flatten_util.ravel_pytree(straight.theta)[0],
         jax.flatten_util.ravel_pytree(resumed.theta)[0],
     )
-    scores = [r["valid/score"] for r in _read(tmp_path / "b" / "metrics.jsonl") if "valid/score" in r]
+    scores = [
+        r["valid/score"] for r in _read(tmp_path / "b" / "metrics.jsonl") if "valid/score" in r
+    ]
     assert len(scores) == 5
 
 
