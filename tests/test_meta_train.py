@@ -299,11 +299,20 @@ def test_main_job_end_to_end_logs_offline_and_prints_the_table(tmp_path, capsys,
             "eval.num_tasks=2",
             "eval.num_seeds=2",
             "eval.adam_lrs=[1e-3, 1e-2]",
+            # The default config validates; TINY switches it off, this job turns it on.
+            "valid.every=5",
+            "valid.num_tasks=1",
+            "valid.num_seeds=1",
         ]
     )
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "learned (pes)" in out and "adam (tuned" in out and "±" in out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert "learned (es_single)" in out and "adam (tuned" in out and "±" in out
+    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    assert [r["step"] for r in best["history"]] == [0, 5, 10]
+    assert "valid @ 5:" in err
+    assert f"evaluating the meta-parameters of outer step {best['step']}" in err
     for f in (
         "config.json",
         "metrics.jsonl",
@@ -314,7 +323,8 @@ def test_main_job_end_to_end_logs_offline_and_prints_the_table(tmp_path, capsys,
         assert (tmp_path / f).exists(), f
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"meta_loss", "grad_norm", "inner_steps_per_s", "resets"} <= set(rows[-1])
+    assert {"meta_loss", "grad_norm", "inner_steps_per_s", "resets"} <= set(rows[-2])
+    assert {"valid/score", "valid/best_score", "valid/cost_fraction"} <= set(rows[-1])
 
 
 def test_main_rejects_a_bad_config_key(capsys):

@@ -94,6 +94,7 @@ def test_guard_tracks_the_best_and_fires_after_patience():
     assert replayed == straight
 
 
+@pytest.mark.slow  # 15 s: three runs
 def test_best_checkpoint_survives_rotation_and_resume(tmp_path):
     common = ["valid.every=2", "run.max_to_keep=1", "run.checkpoint_every=1"]
     straight, _ = meta_train(build_run(_config(tmp_path / "a", *common, "meta.outer_steps=8")))
