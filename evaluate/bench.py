@@ -119,12 +119,14 @@ def _specs(texts: list[str]) -> list:
 
 
 def _spec_identity(spec: Any) -> str:
-    """What else determines a SPEC's optimizer: a checkpoint's saved steps."""
+    """What else determines a SPEC's optimizer: a checkpoint's saved steps and the step it
+    loads (the best-marked one, which can move between existing steps)."""
     if spec.kind != "checkpoint":
         return ""
-    from meta_train.checkpoint import saved_steps  # noqa: PLC0415
+    from meta_train.checkpoint import pick_step, saved_steps  # noqa: PLC0415
 
-    return json.dumps([str(Path(spec.target).resolve()), saved_steps(spec.target)])
+    target = spec.target
+    return json.dumps([str(Path(target).resolve()), saved_steps(target), pick_step(target)])
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -120,6 +120,7 @@ class _Validation:
         # Records after the resumed step are redone (validation is deterministic).
         self.history = [r for r in (saved or {}).get("history", []) if r["step"] <= start]
         self.guard.replay(self.history)
+        self.guard.stop = False  # resuming a run the guard stopped is the user's decision
         self.t0 = time.perf_counter()
         self.validator = build_validator(run)
         self.seconds = self.validator.adam_seconds
