@@ -125,7 +125,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from tasks.family import TaskFamily  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint)
-    step = pick_step(str(ckpt), args.step)
+    default_step = pick_step(str(ckpt))  # the best-marked step, else the latest
+    step = default_step if args.step is None else pick_step(str(ckpt), args.step)
     _, saved = load_theta(str(ckpt), step=step)
     best = read_best(str(ckpt))
     which = "best meta-validation score" if best and best["step"] == step else "no best marked"
@@ -150,7 +151,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         return tx if n == num_steps else as_optax(lopt, theta, n)
 
     eval_cfg = dataclasses.replace(config.eval, num_steps=num_steps)
-    default_step = pick_step(str(ckpt))
     other = step if step != default_step else None
     out = _out_dir(args, ckpt.resolve().parent, eval_cfg, saved_eval, other)
     family = TaskFamily(config.task_family)

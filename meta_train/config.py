@@ -427,7 +427,8 @@ class ValidConfig:
         tasks than the evaluation's), spread over its templates and over its horizons
         (geometrically from meta.min_episode_len to meta.max_episode_len).
       num_seeds: training seeds per task (fixed for the run).
-      points: validation losses recorded per training run (evenly spaced).
+      points: validation losses recorded per training run: every horizon // points steps
+        (and at the end when the horizon is not a multiple of that).
       adam_lr: the learning rate of the Adam reference, run once at the start on the same
         tasks and seeds.
       metric: what the score compares with Adam: 'final' (validation loss at the end of

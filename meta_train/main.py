@@ -140,8 +140,8 @@ class _Validation:
         result = self.validator(state.theta)
         self.last_seconds = result["seconds"]
         self.seconds += result["seconds"]
-        is_best, message = self.guard.observe(done, result["score"])
         score = result["score"]
+        is_best, message = self.guard.observe(done, score)
         self.history.append(
             {
                 "step": done,
@@ -295,15 +295,16 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                     grad_cos=metrics["grad_cosine"],
                     reset_frac=metrics["reset_fraction"],
                 )
+            validated = validation is not None and (done % cfg.valid.every == 0 or done == total)
             best = stop = False
-            if validation is not None and (done % cfg.valid.every == 0 or done == total):
+            if validated:
                 best = validation.run(done, state)
                 stop = validation.guard.stop
                 state = state.replace(lr_scale=jnp.asarray(validation.guard.lr_scale, jnp.float32))
                 t_log += validation.last_seconds  # validation is not training throughput
             if best or stop or done % cfg.run.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
-            if validation is not None:
+            if validated:
                 validation.mark()  # after the save: the marked step is always on disk
             if stop:
                 break
