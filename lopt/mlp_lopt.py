@@ -8,8 +8,10 @@ tree, per-parameter features (parameter, gradient, momenta at several decays, th
 the gradient, and Adam-like ratios), each normalised by its second moment over the tensor
 it belongs to, plus training-progress features shared by all parameters. A small MLP
 outputs a direction d and a log-magnitude m; the update is
-`step_mult * d * exp(exp_mult * m)`, so a freshly initialised network takes small, stable
-steps (about `step_mult` per parameter).
+`step_mult * s(t) * d * exp(exp_mult * m)`, so a freshly initialised network takes small,
+stable steps (about `step_mult` per parameter). `s(t)` is a fixed step-size schedule over
+the declared horizon (`lopt.base.step_schedule`: 1, or a cosine decay that anneals late in
+training, which truncated meta-training does not learn by itself).
 
 Numerics, whatever the parameter tree holds:
 
@@ -35,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lopt.base import MetaParams, Optimizer, past_horizon_decay
+from lopt.base import STEP_SCHEDULES, MetaParams, Optimizer, past_horizon_decay, step_schedule
 
 _EPS = 1e-8
 # Gradient squares are capped here: v stays below float32's maximum (3.4e38).
@@ -139,6 +141,9 @@ class MLPLOpt:
       rms_decay: decay of the running mean of squared gradients.
       step_mult: scale of the update (the step of a freshly initialised optimizer).
       exp_mult: scale of the log-magnitude output.
+      step_schedule: 'constant' or 'cosine': the fixed multiplier of the update over the
+        declared horizon (`lopt.base.step_schedule`).
+      step_schedule_final: the cosine schedule's multiplier at the horizon, in [0, 1].
     """
 
     hidden_size: int = 32
@@ -147,6 +152,8 @@ class MLPLOpt:
     rms_decay: float = 0.999
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+    step_schedule: str = "constant"
+    step_schedule_final: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -164,6 +171,14 @@ class MLPLOpt:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a finite number > 0, got {value}")
+        if self.step_schedule not in STEP_SCHEDULES:
+            problems.append(
+                f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}"
+            )
+        if not 0 <= self.step_schedule_final <= 1:
+            problems.append(
+                f"step_schedule_final must be in [0, 1], got {self.step_schedule_final}"
+            )
         if problems:
             raise ValueError("MLPLOpt: " + "; ".join(problems))
 
@@ -245,7 +260,13 @@ class MLPLOpt:
                 return jax.tree.unflatten(treedef, upd_all), new_state
             shared = _progress_features(state.step, state.num_steps)
             out = _apply_net(theta, jnp.concatenate(rows, axis=1), shared)
-            step_mult = self.step_mult * past_horizon_decay(state.step, state.num_steps)
+            step_mult = (
+                self.step_mult
+                * step_schedule(
+                    self.step_schedule, state.step, state.num_steps, self.step_schedule_final
+                )
+                * past_horizon_decay(state.step, state.num_steps)
+            )
             step = step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
             start = 0
             for i, finite in zip(floats, finites, strict=True):

@@ -138,6 +138,7 @@ _estimators = _names("meta_train.estimators", "ESTIMATORS")
 _objectives = _names("meta_train.estimators", "OBJECTIVES")
 _staggers = _names("meta_train.estimators", "STAGGERS")
 _lopt_kinds = _names("lopt.registry", "LOPTS", sort=True)
+_step_schedules = _names("lopt.base", "STEP_SCHEDULES")
 _datasets = _names("tasks.datasets", "DATASETS")
 _kinds = _names("tasks.family", "KINDS")
 _valid_metrics = _names("meta_train.validation", "METRICS")
@@ -205,6 +206,8 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "rms_decay": DECAY,
         "step_mult": POSITIVE,
         "exp_mult": POSITIVE,
+        "step_schedule": OneOf(_step_schedules),
+        "step_schedule_final": Rule("a number in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1),
     },
     "meta": {
         "estimator": OneOf(_estimators),
@@ -293,8 +296,10 @@ class LOptConfig:
 
     Attributes:
       kind: 'mlp' (per-parameter MLP, LOLv2 style).
-      hidden_size, hidden_layers, momentum_decays, rms_decay, step_mult, exp_mult: options of
-        the 'mlp' kind (see `lopt.mlp_lopt.MLPLOpt`).
+      hidden_size, hidden_layers, momentum_decays, rms_decay, step_mult, exp_mult,
+        step_schedule, step_schedule_final: options of the 'mlp' kind (see
+        `lopt.mlp_lopt.MLPLOpt`). A checkpoint saved before step_schedule existed loads with
+        the default 'constant', which is how it was trained.
     """
 
     kind: str = "mlp"
@@ -304,6 +309,8 @@ class LOptConfig:
     rms_decay: float = 0.999
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+    step_schedule: str = "constant"
+    step_schedule_final: float = 0.0
 
     def __post_init__(self):
         check_section("lopt", self)

@@ -93,6 +93,8 @@ def test_resolved_config_round_trips_through_json(tmp_path):
         ("lopt.momentum_decays=[0.9, -0.1]", r"lopt.momentum_decays\[1\]", r"in \[0, 1\)"),
         ("lopt.step_mult=0", "lopt.step_mult", "finite number > 0"),
         ("lopt.exp_mult=-1e-3", "lopt.exp_mult", "finite number > 0"),
+        ('lopt.step_schedule="linear"', "lopt.step_schedule", "one of 'constant', 'cosine'"),
+        ("lopt.step_schedule_final=1.5", "lopt.step_schedule_final", r"in \[0, 1\]"),
         ("task_family.init_scale=[2.0, 1.0]", "task_family.init_scale", "low <= high"),
         ("task_family.init_scale=[0.0, 1.0]", "task_family.init_scale", "0 < low"),
         ("task_family.init_scale=[1.0, inf]", "task_family.init_scale", "finite"),

@@ -62,6 +62,9 @@ def _reference_update(lopt, theta, p, g, m, v, step, num_steps):
     last = w[f"Dense_{lopt.hidden_layers - 1}"]
     out = h @ last["kernel"] + last["bias"]
     decay = min(1.0, num_steps / max(step, 1))  # 1/t annealing past the horizon
+    if lopt.step_schedule == "cosine":  # from 1 to `final` at the horizon, then flat
+        f = lopt.step_schedule_final
+        decay *= f + (1 - f) * 0.5 * (1 + np.cos(np.pi * frac))
     u = decay * lopt.step_mult * out[:, 0] * np.exp(lopt.exp_mult * out[:, 1])
     return u.reshape(p.shape), m, v
 
@@ -78,8 +81,9 @@ def _reference_update(lopt, theta, p, g, m, v, step, num_steps):
             step_mult=0.01,
             exp_mult=0.5,
         ),
+        MLPLOpt(step_schedule="cosine", step_schedule_final=0.2),
     ],
-    ids=["default", "3-layers"],
+    ids=["default", "3-layers", "cosine"],
 )
 def test_updates_match_an_independent_float64_reference(lopt):
     theta = lopt.init_meta(jax.random.PRNGKey(0))
@@ -357,6 +361,23 @@ def test_past_the_horizon_progress_saturates_and_the_update_anneals():
     np.testing.assert_allclose(update_at(10_000) * 10_000, update_at(100_000) * 100_000, rtol=1e-6)
 
 
+def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays():
+    # Same θ and state: the cosine optimizer's update is the constant one times the schedule,
+    # 1 at step 0, 0.5(1 + final) halfway, `final` at the horizon and past it (times 1/t).
+    theta = _trained_looking_theta(MLPLOpt())
+    const = MLPLOpt().optimizer(theta)
+    cos = MLPLOpt(step_schedule="cosine", step_schedule_final=0.1).optimizer(theta)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
+    grads = {"w": jnp.cos(jnp.arange(12.0)).reshape(3, 4)}
+    state = const.init(params, 400)
+    for step, mult in ((0, 1.0), (200, 0.55), (400, 0.1), (800, 0.1)):
+        s = state._replace(step=jnp.int32(step))
+        u_const = np.asarray(const.update(grads, s, params, 1.0)[0]["w"])
+        u_cos = np.asarray(cos.update(grads, s, params, 1.0)[0]["w"])
+        assert np.abs(u_const).max() > 0
+        np.testing.assert_allclose(u_cos, mult * u_const, rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
@@ -367,6 +388,8 @@ def test_past_the_horizon_progress_saturates_and_the_update_anneals():
         ({"rms_decay": -0.1}, "rms_decay"),
         ({"step_mult": float("nan")}, "step_mult"),
         ({"exp_mult": 0.0}, "exp_mult"),
+        ({"step_schedule": "linear"}, "step_schedule"),
+        ({"step_schedule_final": 1.5}, "step_schedule_final"),
     ],
 )
 def test_meaningless_settings_are_refused_naming_the_setting(kwargs, key):

@@ -56,6 +56,8 @@ def test_shipped_optimizer_reproduces_the_readme_figures(step_dir, tmp_path):
     _, theta, _ = load_optax(directory)
     _, saved = load_theta(directory)
     config = from_dict(saved)
+    # Saved before lopt.step_schedule existed: it loads with the schedule it was trained with.
+    assert "step_schedule" not in saved["lopt"] and config.lopt.step_schedule == "constant"
     # The README's evaluation (the end of `python -m meta_train.main`: same held-out tasks,
     # seeds and horizon), with Adam's grid cut to the rate it chose.
     eval_cfg = dataclasses.replace(
