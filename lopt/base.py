@@ -72,6 +72,20 @@ def past_horizon_decay(step: jax.Array, num_steps: jax.Array) -> jax.Array:
 STEP_SCHEDULES = ("constant", "cosine")
 
 
+def step_schedule_problems(lopt: Any) -> list[str]:
+    """What is wrong with `lopt.step_schedule` and `lopt.step_schedule_final` (the options
+    every kind of the zoo shares), as messages for its `__post_init__`."""
+    problems = []
+    if lopt.step_schedule not in STEP_SCHEDULES:
+        problems.append(
+            f"step_schedule must be one of {STEP_SCHEDULES}, got {lopt.step_schedule!r}"
+        )
+    final = lopt.step_schedule_final
+    if isinstance(final, bool) or not isinstance(final, int | float) or not 0 <= final <= 1:
+        problems.append(f"step_schedule_final must be in [0, 1], got {final!r}")
+    return problems
+
+
 def step_schedule(
     kind: str, step: jax.Array, num_steps: jax.Array, final: float = 0.0
 ) -> jax.Array:

@@ -37,11 +37,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lopt.base import STEP_SCHEDULES, MetaParams, Optimizer, past_horizon_decay, step_schedule
-
-_EPS = 1e-8
-# Gradient squares are capped here: v stays below float32's maximum (3.4e38).
-_MAX_SQUARE = 1e38
+from lopt.base import (
+    MetaParams,
+    Optimizer,
+    past_horizon_decay,
+    step_schedule,
+    step_schedule_problems,
+)
+from lopt.common import (
+    EPS,
+    NUM_PROGRESS_FEATURES,
+    WIDTH_SCALINGS,
+    capped_square,
+    ema,
+    float_leaves,
+    join_updates,
+    normalise_rows,
+    progress_features,
+    schedule_head,
+    schedule_head_init,
+    split_tree,
+    tensor_features,
+    width_scale,
+)
 
 
 class MLPLOptState(NamedTuple):
@@ -109,27 +127,6 @@ def _apply_net(theta: MetaParams, per_param: jax.Array, shared: jax.Array) -> ja
     return h
 
 
-def _progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:
-    """Training-progress features shared by every parameter.
-
-    The fraction of training done saturates at 1: training on past the declared horizon
-    looks like its last step, instead of extrapolating features never seen in meta-training.
-    """
-    num = jnp.maximum(num_steps.astype(jnp.float32), 1.0)
-    frac = jnp.minimum(step.astype(jnp.float32), num) / num
-    scales = jnp.array([3.0, 10.0, 30.0, 100.0, 300.0])
-    return jnp.concatenate([jnp.stack([frac, frac**2, jnp.sqrt(frac)]), jnp.tanh(step / scales)])
-
-
-def _normalise(x: jax.Array) -> jax.Array:
-    """Divides every feature row of [features, n] by its root mean square over the n.
-
-    Inputs are finite (non-finite gradients are masked, squares capped), so a row whose
-    mean square overflows float32 (entries beyond ~1e19) becomes zero, never NaN.
-    """
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + _EPS)
-
-
 @dataclasses.dataclass(frozen=True)
 class MLPLOpt:
     """Per-parameter MLP learned optimizer (LOLv2 style).
@@ -144,6 +141,16 @@ class MLPLOpt:
       step_schedule: 'constant' or 'cosine': the fixed multiplier of the update over the
         declared horizon (`lopt.base.step_schedule`).
       step_schedule_final: the cosine schedule's multiplier at the horizon, in [0, 1].
+      width_scaling: 'none' or 'fan_in': μP-style scaling of each tensor's update by
+        `width_ref / fan_in` (`lopt.common.width_scale`), so an optimizer meta-trained on
+        narrow networks takes steps of the right size on wide ones.
+      width_ref: the fan-in at which 'fan_in' scaling is 1.
+      schedule_head: hidden width of a learned per-tensor step-size schedule
+        (`lopt.common.schedule_head`: progress and tensor shape in, a bounded multiplier
+        out, starting at 1); 0 turns it off.
+      feature_norm: normalise every per-parameter feature by its RMS over the tensor, so the
+        update does not depend on the gradient's scale (True), or feed raw features (False:
+        for comparison only).
     """
 
     hidden_size: int = 32
@@ -154,6 +161,10 @@ class MLPLOpt:
     exp_mult: float = 1e-3
     step_schedule: str = "constant"
     step_schedule_final: float = 0.0
+    width_scaling: str = "none"
+    width_ref: float = 64.0
+    schedule_head: int = 0
+    feature_norm: bool = True
 
     def __post_init__(self):
         problems = []
@@ -171,14 +182,15 @@ class MLPLOpt:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a finite number > 0, got {value}")
-        if self.step_schedule not in STEP_SCHEDULES:
+        problems += step_schedule_problems(self)
+        if self.width_scaling not in WIDTH_SCALINGS:
             problems.append(
-                f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}"
+                f"width_scaling must be one of {WIDTH_SCALINGS}, got {self.width_scaling!r}"
             )
-        if not 0 <= self.step_schedule_final <= 1:
-            problems.append(
-                f"step_schedule_final must be in [0, 1], got {self.step_schedule_final}"
-            )
+        if not (math.isfinite(self.width_ref) and self.width_ref > 0):
+            problems.append(f"width_ref must be a finite number > 0, got {self.width_ref}")
+        if self.schedule_head < 0:
+            problems.append(f"schedule_head must be >= 0 (0: off), got {self.schedule_head}")
         if problems:
             raise ValueError("MLPLOpt: " + "; ".join(problems))
 
@@ -189,17 +201,24 @@ class MLPLOpt:
 
     @property
     def num_shared_features(self) -> int:
-        return int(_progress_features(jnp.int32(0), jnp.int32(1)).shape[0])
+        return NUM_PROGRESS_FEATURES
 
     @property
     def _net(self) -> _PerParamMLP:
         return _PerParamMLP(self.hidden_size, self.hidden_layers)
 
     def init_meta(self, key: jax.Array) -> MetaParams:
-        """Returns fresh meta-parameters (flax params of the per-parameter MLP)."""
+        """Returns fresh meta-parameters: the flax params of the per-parameter MLP, plus the
+        learned schedule's under 'schedule_head' when it is on."""
         p = jnp.zeros((1, self.num_per_param_features))
         s = jnp.zeros((self.num_shared_features,))
-        return self._net.init(key, p, s)["params"]
+        # The network keeps the key it always had: θ of earlier versions are reproduced.
+        theta = dict(self._net.init(key, p, s)["params"])
+        if self.schedule_head:
+            theta["schedule_head"] = schedule_head_init(
+                jax.random.fold_in(key, 1), self.schedule_head
+            )
+        return theta
 
     def optimizer(self, theta: MetaParams) -> Optimizer:
         """Returns the optimizer with meta-parameters `theta`."""
@@ -207,7 +226,7 @@ class MLPLOpt:
         decays = jnp.asarray(self.momentum_decays, jnp.float32)
 
         def init(params, num_steps) -> MLPLOptState:
-            leaves = _float_leaves(params)
+            leaves = float_leaves(params)
             return MLPLOptState(
                 momenta=[jnp.zeros((n_decays,) + p.shape, jnp.float32) for p in leaves],
                 rms=[jnp.zeros(p.shape, jnp.float32) for p in leaves],
@@ -217,32 +236,17 @@ class MLPLOpt:
 
         def update(grads, state: MLPLOptState, params, loss=None):
             del loss  # this optimizer does not use the loss
-            if params is None:
-                raise ValueError("MLPLOpt.update needs the current params")
-            p_all, treedef = jax.tree.flatten(params)
-            g_all = treedef.flatten_up_to(grads)
-            floats = [i for i, p in enumerate(p_all) if _is_float(p)]
-            if len(floats) != len(state.rms):
-                raise ValueError(
-                    f"params have {len(floats)} float leaves, the optimizer state was made "
-                    f"for {len(state.rms)}: init the state with these params"
-                )
-            momenta, rms, rows, finites = [], [], [], []
-            for i, m, v in zip(floats, state.momenta, state.rms, strict=True):
-                p = jnp.asarray(p_all[i]).astype(jnp.float32)
-                g = jnp.asarray(g_all[i]).astype(jnp.float32)
-                # Non-finite gradient entries get a zero update and leave the state alone.
-                finite = jnp.isfinite(g)
-                g = jnp.where(finite, g, 0.0)
+            split = split_tree(grads, params, len(state.rms))
+            momenta, rms, rows = [], [], []
+            for p, g, finite, m, v in zip(
+                split.params, split.grads, split.finite, state.momenta, state.rms, strict=True
+            ):
                 d = decays.reshape((n_decays,) + (1,) * g.ndim)
-                m = jnp.where(finite[None], m * d + g[None] * (1 - d), m)
-                # Squares of |g| > ~1e19 overflow float32: cap them (v stays finite).
-                sq = jnp.minimum(jnp.square(g), _MAX_SQUARE)
-                v = jnp.where(finite, v * self.rms_decay + sq * (1 - self.rms_decay), v)
+                m = ema(m, g[None], d, finite[None])
+                v = ema(v, capped_square(g), self.rms_decay, finite)
                 momenta.append(m)
                 rms.append(v)
-                finites.append(finite)
-                inv = jax.lax.rsqrt(v + _EPS)
+                inv = jax.lax.rsqrt(v + EPS)
                 feats = jnp.concatenate(
                     [
                         p.reshape(1, -1),
@@ -253,12 +257,11 @@ class MLPLOpt:
                         (g * inv).reshape(1, -1),
                     ]
                 )
-                rows.append(_normalise(feats))
+                rows.append(normalise_rows(feats) if self.feature_norm else feats)
             new_state = MLPLOptState(momenta, rms, state.step + 1, state.num_steps)
-            upd_all = [jnp.zeros_like(p) for p in p_all]  # non-float leaves: no update
-            if not floats:
-                return jax.tree.unflatten(treedef, upd_all), new_state
-            shared = _progress_features(state.step, state.num_steps)
+            if not split.index:  # no float leaves: nothing to update
+                return join_updates(split, []), new_state
+            shared = progress_features(state.step, state.num_steps)
             out = _apply_net(theta, jnp.concatenate(rows, axis=1), shared)
             step_mult = (
                 self.step_mult
@@ -268,20 +271,16 @@ class MLPLOpt:
                 * past_horizon_decay(state.step, state.num_steps)
             )
             step = step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
-            start = 0
-            for i, finite in zip(floats, finites, strict=True):
-                p = p_all[i]
-                u = step[start : start + p.size].reshape(p.shape)
-                upd_all[i] = jnp.where(finite, u, 0.0).astype(p.dtype)
-                start += p.size
-            return jax.tree.unflatten(treedef, upd_all), new_state
+            sizes = [p.size for p in split.params]
+            offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+            updates = [step[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+            shapes = [p.shape for p in split.params]
+            scales = [width_scale(sh, self.width_scaling, self.width_ref) for sh in shapes]
+            if self.schedule_head:
+                tensors = jnp.asarray(tensor_features(shapes))
+                head = schedule_head(theta["schedule_head"], shared, tensors)
+                scales = [sc * head[t] for t, sc in enumerate(scales)]
+            updates = [u * sc for u, sc in zip(updates, scales, strict=True)]
+            return join_updates(split, updates), new_state
 
         return Optimizer(init, update)
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
-
-
-def _float_leaves(tree) -> list[jax.Array]:
-    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if _is_float(x)]

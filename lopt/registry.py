@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from lopt.adafac import AdaFacLOpt
 from lopt.base import LearnedOptimizer
+from lopt.hierarchical import HierarchicalLOpt
+from lopt.hyper import LearnedAdamLOpt, LearnedScheduleLOpt
 from lopt.mlp_lopt import MLPLOpt
 
-LOPTS: dict[str, type] = {"mlp": MLPLOpt}
+# kind -> class; every class is a frozen dataclass of JSON-friendly options (`[lopt]`).
+LOPTS: dict[str, type] = {
+    "mlp": MLPLOpt,
+    "adafac": AdaFacLOpt,
+    "hierarchical": HierarchicalLOpt,
+    "learned_adam": LearnedAdamLOpt,
+    "learned_schedule": LearnedScheduleLOpt,
+}
 
 
 def make_lopt(kind: str, **kwargs: Any) -> LearnedOptimizer:

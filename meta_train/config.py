@@ -3,7 +3,8 @@
 A config file has the sections below; every key is optional (defaults here). Unknown
 sections or keys, values of the wrong type and values outside their range raise
 `ConfigError` naming the key and saying what is allowed. What every key may hold is
-declared once, in `RULES` (one rule per key of every section); relations between keys
+declared once, in `RULES` (one rule per key of every section; `[lopt]` holds `kind` and
+that kind's options, see `LOptConfig`); relations between keys
 (`meta.window <= meta.min_episode_len <= meta.max_episode_len`, ...) are checked in the
 section's `__post_init__`. Overrides are `section.key=value` strings whose value is parsed
 as TOML (`meta.outer_steps=50`, `task_family.datasets=["mnist1d"]`, `run.name="x"` or
@@ -12,6 +13,7 @@ as TOML (`meta.outer_steps=50`, `task_family.datasets=["mnist1d"]`, `run.name="x
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib
 import json
@@ -198,10 +200,12 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "data_dir": ANY_STR,  # "" uses LOPT_DATA_DIR and the default places
         "valid_size": Rule("a fraction in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
     },
+    # [lopt]: `kind`, then rules of options that learned optimizers share (same name, same
+    # meaning); an option without a rule here is checked by its class's __post_init__.
     "lopt": {
         "kind": OneOf(_lopt_kinds),
         "hidden_size": int_at_least(1),
-        "hidden_layers": int_at_least(1),
+        "hidden_layers": int_at_least(0, " (0: some kinds allow a linear network)"),
         "momentum_decays": Items(DECAY),
         "rms_decay": DECAY,
         "step_mult": POSITIVE,
@@ -290,30 +294,62 @@ class RunConfig:
         check_section("run", self)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class LOptConfig:
-    """The learned optimizer: `kind` plus that kind's options (see `lopt.registry`).
+    """The learned optimizer: `kind` plus that kind's options.
+
+    `[lopt]` holds `kind` and any options of that kind's class in `lopt.registry.LOPTS`
+    (e.g. `lopt.mlp_lopt.MLPLOpt` for 'mlp'); options left out take the class's defaults,
+    and the resolved options (all of them) are what a run saves, so a checkpoint keeps
+    loading the optimizer it trained when defaults change. A checkpoint saved before an
+    option existed loads with that option's default (e.g. `step_schedule = "constant"`,
+    which is how such checkpoints were trained). Options read as attributes:
+    `config.lopt.hidden_size`.
 
     Attributes:
-      kind: 'mlp' (per-parameter MLP, LOLv2 style).
-      hidden_size, hidden_layers, momentum_decays, rms_decay, step_mult, exp_mult,
-        step_schedule, step_schedule_final: options of the 'mlp' kind (see
-        `lopt.mlp_lopt.MLPLOpt`). A checkpoint saved before step_schedule existed loads with
-        the default 'constant', which is how it was trained.
+      kind: a key of `lopt.registry.LOPTS`.
+      options: the kind's resolved options, as sorted (name, value) pairs.
     """
 
-    kind: str = "mlp"
-    hidden_size: int = 32
-    hidden_layers: int = 2
-    momentum_decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
-    rms_decay: float = 0.999
-    step_mult: float = 1e-3
-    exp_mult: float = 1e-3
-    step_schedule: str = "constant"
-    step_schedule_final: float = 0.0
+    kind: str
+    options: tuple[tuple[str, Any], ...]
 
-    def __post_init__(self):
-        check_section("lopt", self)
+    def __init__(self, kind: str = "mlp", **options: Any):
+        RULES["lopt"]["kind"].check(kind, "lopt.kind")
+        cls = importlib.import_module("lopt.registry").LOPTS[kind]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(f'lopt.{k}' for k in unknown)} for lopt kind "
+                f"{kind!r}; its keys: {sorted(fields)}"
+            )
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(v, hints[k], f"lopt.{k}") for k, v in options.items()}
+        for k, v in values.items():  # shared rules first, so every message is alike
+            if k in RULES["lopt"]:
+                RULES["lopt"][k].check(v, f"lopt.{k}")
+        try:
+            built = cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"[lopt] {e}") from e
+        resolved = {f.name: getattr(built, f.name) for f in dataclasses.fields(cls)}
+        resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "options", tuple(sorted(resolved.items())))
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names that are not fields: the kind's options.
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        for key, value in self.options:
+            if key == name:
+                return value
+        raise AttributeError(f"lopt kind {self.kind!r} has no option {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"kind": ..., **options}`, as saved in config.json and checkpoints."""
+        return {"kind": self.kind, **dict(self.options)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,7 +506,7 @@ class ValidConfig:
 class Config:
     run: RunConfig = RunConfig()
     task_family: FamilyConfig = FamilyConfig()
-    lopt: LOptConfig = LOptConfig()
+    lopt: LOptConfig = dataclasses.field(default_factory=LOptConfig)
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
     valid: ValidConfig = ValidConfig()
@@ -480,10 +516,12 @@ class Config:
         check_section("task_family", self.task_family)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: v.to_dict() if k == "lopt" else dataclasses.asdict(v) for k, v in d.items()}
+        return json.loads(json.dumps(d))
 
     def lopt_kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.lopt)
+        return self.lopt.to_dict()
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -496,6 +534,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: {value!r} is not a {hint}")
+    if origin is collections.abc.Sequence:  # options typed Sequence[X] read as tuple[X, ...]
+        return _coerce(value, tuple[typing.get_args(hint)[0], ...], where)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -527,6 +567,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str):
+    if cls is LOptConfig:  # the kind decides which keys exist
+        return LOptConfig(**values)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
@@ -577,12 +619,24 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 
 def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Sets every `section.key=value` of `overrides` in the nested dict `d` (in place)."""
+    """Sets every `section.key=value` of `overrides` in the nested dict `d` (in place).
+
+    An override of `lopt.kind` to another kind than `d`'s starts `[lopt]` afresh: the options
+    `d` held were that kind's (`hidden_size` of 'mlp' is not `hidden_size` of
+    'learned_adam'), so they are dropped and the new kind starts from its own defaults;
+    options given as overrides (before or after) are kept and checked against the new kind.
+    """
+    base_kind = d.get("lopt", {}).get("kind", "mlp") if isinstance(d.get("lopt"), dict) else None
+    given: set[str] = set()
     for item in overrides:
         section, key, value = parse_override(item)
         d.setdefault(section, {})
         if not isinstance(d[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys")
+        if (section, key) == ("lopt", "kind") and value != base_kind:
+            d["lopt"] = {k: v for k, v in d["lopt"].items() if k in given}
+        if section == "lopt":
+            given.add(key)
         d[section][key] = value
     return d
 

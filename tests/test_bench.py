@@ -66,6 +66,7 @@ def first_run(tmp_path_factory):
     return tmp, proc
 
 
+@pytest.mark.slow  # ~30 s of CLI run; CI runs it after the default suite
 def test_a_tiny_suite_runs_end_to_end(first_run):
     tmp, proc = first_run
     out = tmp / "out"

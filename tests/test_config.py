@@ -1,5 +1,6 @@
 """Run configurations: typed, strict, overridable, saved with each run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def test_resolved_config_round_trips_through_json(tmp_path):
         ("meta.sigma=nan", "meta.sigma", "finite number > 0"),
         ("eval.adam_lrs=[1e-3, -1e-2]", r"eval.adam_lrs\[1\]", "finite number > 0"),
         ("eval.adam_lrs=[nan]", r"eval.adam_lrs\[0\]", "finite number > 0"),
-        ("lopt.hidden_layers=0", "lopt.hidden_layers", "integer >= 1"),
+        ("lopt.hidden_layers=-1", "lopt.hidden_layers", "integer >= 0"),
+        ("lopt.hidden_layers=0", r"\[lopt\] MLPLOpt: hidden_layers", ">= 1"),
         ("lopt.rms_decay=1.0", "lopt.rms_decay", r"in \[0, 1\)"),
         ("lopt.momentum_decays=[0.9, -0.1]", r"lopt.momentum_decays\[1\]", r"in \[0, 1\)"),
         ("lopt.step_mult=0", "lopt.step_mult", "finite number > 0"),
@@ -115,7 +117,7 @@ def test_resolved_config_round_trips_through_json(tmp_path):
         ("eval.adam_lrs=[]", "eval.adam_lrs", "non-empty list, each item a finite number > 0"),
         ("lopt.momentum_decays=[]", "lopt.momentum_decays", r"non-empty list, each item .*\[0"),
         # Values that used to end in a traceback (point 7).
-        ("lopt.kind=adam", "lopt.kind", "one of 'mlp'"),
+        ("lopt.kind=adam", "lopt.kind", "one of .*'mlp'"),
         ("task_family.datasets=['mnist1d', 'svhn']", r"task_family.datasets\[1\]", "'mnist1d'"),
         ("task_family.datasets=[]", "task_family.datasets", "non-empty list"),
         ("task_family.activations=[]", "task_family.activations", "non-empty list.*'relu'"),
@@ -167,28 +169,30 @@ def test_documented_special_values_are_accepted():
 
 
 def test_every_key_of_every_section_has_exactly_one_rule():
-    import dataclasses  # noqa: PLC0415
-
     from meta_train.config import RULES  # noqa: PLC0415
 
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     assert set(RULES) == set(sections)
     defaults = Config()
     for name in sections:
+        if name == "lopt":  # the kind's options: shared rules name options of some kind
+            continue
         fields = {f.name for f in dataclasses.fields(getattr(defaults, name))}
         assert set(RULES[name]) == fields, name
+    from lopt.registry import LOPTS  # noqa: PLC0415
+
+    options = {f.name for cls in LOPTS.values() for f in dataclasses.fields(cls)}
+    assert set(RULES["lopt"]) - {"kind"} <= options
 
 
 def test_sections_built_directly_are_checked_too():
-    import dataclasses  # noqa: PLC0415
-
     from meta_train.config import EvalConfig, LOptConfig, MetaConfig, RunConfig  # noqa: PLC0415
 
     with pytest.raises(ConfigError, match="meta.sigma"):
         MetaConfig(sigma=float("nan"))
     with pytest.raises(ConfigError, match="eval.adam_lrs"):
         EvalConfig(adam_lrs=())
-    with pytest.raises(ConfigError, match="lopt.hidden_layers"):
+    with pytest.raises(ConfigError, match="MLPLOpt: hidden_layers must be >= 1"):
         LOptConfig(hidden_layers=0)
     with pytest.raises(ConfigError, match="run.log_every"):
         RunConfig(log_every=0)
@@ -207,3 +211,36 @@ def test_config_file_that_is_a_directory_or_not_utf8_is_a_clear_error(tmp_path):
     utf8 = tmp_path / "utf8.toml"
     utf8.write_bytes('[run]\nname = "café"\n'.encode())
     assert load_config(utf8).run.name == "café"
+
+
+def test_lopt_section_is_a_kind_and_its_resolved_options():
+    from lopt.mlp_lopt import MLPLOpt  # noqa: PLC0415
+
+    c = load_config(None, ["lopt.hidden_size=8"])
+    saved = c.to_dict()["lopt"]
+    # Every option of the kind is saved, left-out ones at the class's defaults.
+    assert set(saved) == {"kind"} | {f.name for f in dataclasses.fields(MLPLOpt)}
+    assert saved["hidden_size"] == 8 and saved["hidden_layers"] == MLPLOpt().hidden_layers
+    assert c.lopt.hidden_size == 8 and from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match=r"lopt.nope for lopt kind 'mlp'; its keys"):
+        load_config(None, ["lopt.nope=1"])
+    with pytest.raises(AttributeError, match="no option 'nope'"):
+        _ = c.lopt.nope
+
+
+def test_overriding_the_kind_starts_its_options_afresh():
+    from lopt.hyper import LearnedAdamLOpt  # noqa: PLC0415
+
+    default = ROOT / "configs" / "default.toml"
+    c = load_config(default, ["lopt.kind='learned_adam'", "lopt.step_schedule='cosine'"])
+    # default.toml's hidden_size = 32 was the MLP's; learned Adam keeps its own default.
+    assert c.lopt.kind == "learned_adam"
+    assert c.lopt.hidden_size == LearnedAdamLOpt().hidden_size != 32
+    assert c.lopt.step_schedule == "cosine"
+    # Options given before the kind are kept (and checked against it).
+    c = load_config(default, ["lopt.base_lr=0.01", "lopt.kind='learned_adam'"])
+    assert c.lopt.base_lr == 0.01
+    with pytest.raises(ConfigError, match="lopt.base_lr for lopt kind 'mlp'"):
+        load_config(default, ["lopt.base_lr=0.01"])
+    # The same kind keeps the file's options.
+    assert load_config(default, ["lopt.kind='mlp'"]).lopt.step_schedule == "cosine"

@@ -79,6 +79,7 @@ def _mixed_run(out_dir, *extra):
     return build_run(config, mixed_family(config))
 
 
+@pytest.mark.slow  # ~40 s; CI runs it after the default suite
 def test_mixed_run_visits_every_kind_within_the_compile_bound_and_resumes_exactly(tmp_path):
     from meta_train.build import _init_group  # noqa: PLC0415
     from meta_train.learner import apply_estimates, estimate_group  # noqa: PLC0415

@@ -203,6 +203,70 @@ def test_per_tensor_normalisation_makes_update_scale_free_in_gradient():
     np.testing.assert_allclose(u1["w"], u2["w"], rtol=0, atol=5e-3 * scale)
 
 
+def test_without_feature_norm_the_update_depends_on_the_gradient_scale():
+    # The comparison switch: raw features, so scaling the gradient moves the update by O(1).
+    params = {"w": jnp.linspace(-1, 1, 20).reshape(4, 5)}
+    lopt = MLPLOpt(feature_norm=False)
+    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    g = {"w": (1.5 + jnp.sin(jnp.arange(20.0))).reshape(4, 5)}
+    s = opt.init(params, 50)
+    u1 = np.asarray(opt.update(g, s, params, 1.0)[0]["w"])
+    u2 = np.asarray(opt.update(jax.tree.map(lambda x: 10 * x, g), s, params, 1.0)[0]["w"])
+    assert np.all(np.isfinite(u2)) and np.abs(u2 - u1).max() > 0.1 * np.abs(u1).max()
+
+
+def _tree_and_grads():
+    params = {
+        "kernel": jnp.linspace(-1, 1, 256 * 8).reshape(256, 8),
+        "conv": jnp.linspace(-1, 1, 3 * 3 * 4 * 8).reshape(3, 3, 4, 8),
+        "bias": jnp.linspace(-1, 1, 8),
+    }
+    grads = jax.tree.map(lambda p: jnp.cos(7 * p) + 0.1, params)
+    return params, grads
+
+
+def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_reference():
+    params, grads = _tree_and_grads()
+    theta = _trained_looking_theta(MLPLOpt())
+    plain = MLPLOpt().optimizer(theta)
+    scaled = MLPLOpt(width_scaling="fan_in", width_ref=32.0).optimizer(theta)
+    s = plain.init(params, 100)
+    u0, _ = plain.update(grads, s, params, 1.0)
+    u1, _ = scaled.update(grads, s, params, 1.0)
+    # fan-in: 256 for the dense kernel, 3·3·4 = 36 for the conv kernel; biases unchanged.
+    for name, factor in (("kernel", 32 / 256), ("conv", 32 / 36), ("bias", 1.0)):
+        np.testing.assert_allclose(u1[name], factor * np.asarray(u0[name]), rtol=1e-5, atol=0)
+
+
+def test_schedule_head_starts_at_one_and_learns_bounded_per_tensor_multipliers():
+    params, grads = _tree_and_grads()
+    base = _trained_looking_theta(MLPLOpt())
+    lopt = MLPLOpt(schedule_head=8)
+    theta = lopt.init_meta(jax.random.PRNGKey(0))
+    assert set(theta) == set(base) | {"schedule_head"}
+    n_head = sum(x.size for x in jax.tree.leaves(theta["schedule_head"]))
+    assert n_head == (8 + 7) * 8 + 8 + 8 + 1  # progress + tensor features → 8 → 1
+    theta = {**base, "schedule_head": theta["schedule_head"]}
+    s = lopt.optimizer(theta).init(params, 100)
+    ref, _ = MLPLOpt().optimizer(base).update(grads, s, params, 1.0)
+    fresh, _ = lopt.optimizer(theta).update(grads, s, params, 1.0)
+    for name in params:  # a fresh head's output layer is zero: multiplier exactly 1
+        np.testing.assert_array_equal(fresh[name], ref[name])
+    w2 = 2.0 * jax.random.normal(jax.random.PRNGKey(5), (8,))
+    head = dict(theta["schedule_head"], w2=w2, b2=jnp.float32(-0.5))
+    moved, _ = lopt.optimizer({**base, "schedule_head": head}).update(grads, s, params, 1.0)
+    ratios = {k: np.asarray(moved[k]) / np.asarray(ref[k]) for k in params}
+    for k, r in ratios.items():  # one multiplier per tensor, within e^±3
+        assert np.allclose(r, r.flat[0], rtol=1e-4), k
+        assert np.exp(-3) * (1 - 1e-5) <= r.flat[0] <= np.exp(3) * (1 + 1e-5), k
+    assert len({round(float(r.flat[0]), 4) for r in ratios.values()}) > 1  # per tensor
+    # The multiplier depends on training progress: the head can anneal.
+    late = s._replace(step=jnp.int32(90))
+    a, _ = lopt.optimizer({**base, "schedule_head": head}).update(grads, late, params, 1.0)
+    b, _ = MLPLOpt().optimizer(base).update(grads, late, params, 1.0)
+    assert not np.isclose(float(a["bias"][0] / b["bias"][0]), float(ratios["bias"].flat[0]))
+
+
 def test_registry_rejects_unknown_kind_and_option():
     with pytest.raises(ValueError, match="unknown learned optimizer"):
         make_lopt("nope")
@@ -390,6 +454,9 @@ def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays(
         ({"exp_mult": 0.0}, "exp_mult"),
         ({"step_schedule": "linear"}, "step_schedule"),
         ({"step_schedule_final": 1.5}, "step_schedule_final"),
+        ({"width_scaling": "sqrt"}, "width_scaling"),
+        ({"width_ref": 0.0}, "width_ref"),
+        ({"schedule_head": -1}, "schedule_head"),
     ],
 )
 def test_meaningless_settings_are_refused_naming_the_setting(kwargs, key):

@@ -1,0 +1,63 @@
+"""Compare learned-optimizer architectures at equal meta-training budget.
+
+    python -m evaluate.compare_lopts --config configs/default.toml --outer-steps 3000 \
+        --out runs/compare_lopts [--variant NAME=OVERRIDE[;OVERRIDE...] ...] [overrides]
+
+Every variant meta-trains on the same task family with the same estimator, pairs, window
+and number of outer steps (so the same inner steps), then is evaluated at its best
+meta-validation step on the same held-out tasks against tuned Adam; see `evaluate.compare`
+for what is written. Without `--variant`, the zoo: every kind of `lopt.registry.LOPTS` with
+its default options, and the per-parameter MLP with each generalisation mechanism
+(`default_variants`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evaluate.compare import compare, parse_variants
+
+# The per-parameter MLP of the default config, with each generalisation mechanism on its own;
+# then every other kind at its defaults with the default config's cosine step schedule (a
+# kind override starts [lopt] afresh, see `meta_train.config.apply_overrides`).
+MLP_VARIANTS = (
+    "mlp=lopt.kind='mlp'",
+    "mlp-no-feature-norm=lopt.feature_norm=false",
+    "mlp-fan-in=lopt.width_scaling='fan_in'",
+    "mlp-schedule-head=lopt.schedule_head=16",
+)
+
+
+def default_variants() -> list[str]:
+    """`MLP_VARIANTS`, then every other registered kind (cosine step schedule)."""
+    from lopt.registry import LOPTS  # noqa: PLC0415
+
+    others = [
+        f"{kind}=lopt.kind='{kind}';lopt.step_schedule='cosine'" for kind in LOPTS if kind != "mlp"
+    ]
+    return [*MLP_VARIANTS, *others]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate.compare_lopts", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--config", default="configs/default.toml")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")
+    p.add_argument("--outer-steps", type=int, default=3000)
+    p.add_argument("--out", default="runs/compare_lopts")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    args = p.parse_args(argv)
+    try:
+        variants = parse_variants(args.variant or default_variants())
+    except ValueError as e:
+        p.error(str(e))
+    return compare(
+        args.config, variants, args.outer_steps, args.out, args.overrides, label="optimizer"
+    )
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,238 @@
+"""What a learned optimizer costs per step, against Adam, in the same process.
+
+    python -m evaluate.lopt_cost [--kinds mlp,adafac,...] [--lopt NAME=KIND:KEY=VALUE,...]
+                                 [--rounds 5] [--calls 20] [--json F]
+
+For every learned optimizer of `lopt.registry.LOPTS` (default options, a fresh θ), every
+`--lopt` variant (e.g. `--lopt mlp-small=mlp:hidden_size=8,hidden_layers=1`) and
+`optax.adam`, on the parameters of a ~1M-parameter ConvNet (three 3×3 convolutions and two
+dense layers on 32×32×3 inputs: 967,130 parameters), reports:
+
+- the wall time of one jitted `update` (gradients, state and params in, updates and state
+  out; buffers donated, as in a training loop) relative to Adam's: rounds alternate between
+  the optimizers so that drift hits all alike, and the median of the per-round ratios is
+  printed with its range;
+- the optimizer state size in bytes per parameter (Adam: 8, two float32 moments).
+
+Targets (issue 11, this project's 2-core CPU): per-parameter MLP and AdaFac ≤ 3× Adam's
+update time, hierarchical ≤ 4×. The output says which hold. Absolute times drift by up to 2×
+on shared machines from hour to hour; ratios measured in the same run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# Update-time targets relative to Adam (issue 11); kinds not listed have none.
+TARGETS = {"mlp": 3.0, "adafac": 3.0, "hierarchical": 4.0}
+
+
+class CostNet(nn.Module):
+    """The benchmark's model: 967,130 parameters in conv kernels, dense kernels and biases."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for features in (32, 64, 64):
+            x = nn.relu(nn.Conv(features, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)  # 4×4×64 = 1024
+        x = nn.relu(nn.Dense(880)(x))
+        return nn.Dense(10)(x)
+
+
+def cost_params(key: jax.Array) -> Any:
+    """The model's parameters (float32)."""
+    return CostNet().init(key, jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+def num_params(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def state_bytes(state: Any) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
+def _stepper(tx: optax.GradientTransformationExtraArgs):
+    """A jitted update with donated state, as a training loop runs it."""
+
+    def step(grads, state, params, loss):
+        return tx.update(grads, state, params, loss=loss)
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def _time_calls(step, grads, state, params, loss, calls: int) -> tuple[float, Any]:
+    """Seconds per call over `calls` calls (after the state has been warmed)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        updates, state = step(grads, state, params, loss)
+    jax.block_until_ready((updates, state))
+    return (time.perf_counter() - start) / calls, state
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """`NAME=KIND:KEY=VALUE,KEY=VALUE` → (name, kind, options); values are TOML."""
+    import tomllib  # noqa: PLC0415
+
+    name, sep, rest = spec.partition("=")
+    kind, _, opts = rest.partition(":")
+    if not sep or not name or not kind:
+        raise ValueError(f"--lopt {spec!r}: expected NAME=KIND[:KEY=VALUE,...]")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--lopt {spec!r}: option {item!r} is not KEY=VALUE")
+        try:
+            options[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = raw
+    return name, kind, options
+
+
+def measure(
+    kinds: list[str] | dict[str, tuple[str, dict[str, Any]]],
+    rounds: int = 5,
+    calls: int = 20,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Update time relative to Adam and state bytes per parameter of each kind.
+
+    Args:
+      kinds: learned-optimizer kinds (keys of `lopt.registry.LOPTS`, default options), or
+        {name: (kind, options)}.
+      rounds: alternating rounds (each times every optimizer once).
+      calls: updates per timing.
+      seed: seeds θ, parameters and gradients.
+
+    Returns:
+      Per name ('adam' and each kind): seconds per update (median over rounds), ratio to
+      Adam (median of per-round ratios, and min/max), state bytes per parameter, and the
+      target and whether it holds where there is one.
+    """
+    from lopt.export import as_optax  # noqa: PLC0415
+    from lopt.registry import make_lopt  # noqa: PLC0415
+
+    k_params, k_grads, k_theta = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = cost_params(k_params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(k_grads, len(leaves))
+    grads = jax.tree.unflatten(
+        treedef, [1e-3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+    loss = jnp.float32(2.3)
+    n = num_params(params)
+    txs = {"adam": optax.with_extra_args_support(optax.adam(1e-3))}
+    if not isinstance(kinds, dict):
+        kinds = {kind: (kind, {}) for kind in kinds}
+    for name, (kind, options) in kinds.items():
+        lopt = make_lopt(kind, **options)
+        txs[name] = as_optax(lopt, lopt.init_meta(k_theta), 1000)
+    steps, states, sizes = {}, {}, {}
+    for name, tx in txs.items():
+        steps[name] = _stepper(tx)
+        state = tx.init(params)
+        sizes[name] = state_bytes(state) / n
+        _, states[name] = _time_calls(steps[name], grads, state, params, loss, 2)  # compile
+    times: dict[str, list[float]] = {name: [] for name in txs}
+    for _ in range(rounds):
+        for name in txs:
+            t, states[name] = _time_calls(steps[name], grads, states[name], params, loss, calls)
+            times[name].append(t)
+    out = {}
+    for name in txs:
+        ratios = [t / a for t, a in zip(times[name], times["adam"], strict=True)]
+        row = {
+            "seconds": statistics.median(times[name]),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "state_bytes_per_param": sizes[name],
+        }
+        kind = kinds[name][0] if name in kinds else name
+        if kind in TARGETS:
+            row["target"] = TARGETS[kind]
+            row["holds"] = row["ratio"] <= TARGETS[kind]
+        out[name] = row
+    out["_meta"] = {
+        "num_params": n,
+        "rounds": rounds,
+        "calls": calls,
+        "device": str(jax.devices()[0]),
+    }
+    return out
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of `measure`'s results."""
+    meta = results["_meta"]
+    lines = [
+        f"{meta['num_params']:,} parameters; {meta['rounds']} rounds × {meta['calls']} updates; "
+        f"{meta['device']}",
+        "",
+        "| optimizer | update time / Adam's (median, range) | ms per update | state bytes / param "
+        "| target | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name == "_meta":
+            continue
+        target = f"≤ {r['target']:g}×" if "target" in r else "—"
+        holds = ("yes" if r["holds"] else "NO") if "target" in r else "—"
+        lines.append(
+            f"| {name} | {r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | "
+            f"{1e3 * r['seconds']:.2f} | {r['state_bytes_per_param']:.1f} | {target} | {holds} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lopt.registry import LOPTS  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate.lopt_cost", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--kinds", default=",".join(sorted(LOPTS)), help="comma-separated kinds")
+    p.add_argument(
+        "--lopt",
+        action="append",
+        default=[],
+        metavar="NAME=KIND:KEY=VALUE,...",
+        help="a learned optimizer with options (repeatable)",
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    variants = {k: (k, {}) for k in args.kinds.split(",") if k}
+    try:
+        variants.update({n: (k, o) for n, k, o in map(parse_variant, args.lopt)})
+    except ValueError as e:
+        p.error(str(e))
+    unknown = sorted({k for k, _ in variants.values()} - set(LOPTS))
+    if unknown:
+        p.error(f"unknown kinds {unknown}; known: {sorted(LOPTS)}")
+    if args.rounds < 1 or args.calls < 1:
+        p.error("--rounds and --calls must be >= 1")
+    results = measure(variants, args.rounds, args.calls)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Building blocks shared by the learned optimizers of the zoo.
+
+Every learned optimizer here follows the same numerics contract (`lopt.mlp_lopt` documents
+it): features, state and networks are float32 whatever the parameter dtype; non-finite
+gradient entries get a zero update and stay out of the state; squares of huge gradients are
+capped; non-float leaves pass through with zero updates of their own dtype. These helpers
+implement that contract once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EPS = 1e-8
+# Gradient squares are capped here: accumulators stay below float32's maximum (3.4e38).
+MAX_SQUARE = 1e38
+# Time scales (in steps) of the tanh(step / s) progress features.
+TANH_SCALES = (3.0, 10.0, 30.0, 100.0, 300.0)
+
+
+def is_float(x: Any) -> bool:
+    """Whether `x` is an array of a floating dtype (params and gradients that get updates)."""
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+
+
+def float_leaves(tree: Any) -> list[jax.Array]:
+    """The float leaves of `tree`, in flattening order."""
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if is_float(x)]
+
+
+class SplitTree(NamedTuple):
+    """A parameter tree split into its float leaves (float32) and the rest.
+
+    Attributes:
+      treedef: the parameter tree's structure.
+      leaves: every parameter leaf (any dtype), in flattening order.
+      index: positions of the float leaves in `leaves`.
+      params: the float leaves, as float32.
+      grads: their gradients, as float32, non-finite entries set to 0.
+      finite: per float leaf, where its gradient was finite.
+    """
+
+    treedef: Any
+    leaves: list[Any]
+    index: list[int]
+    params: list[jax.Array]
+    grads: list[jax.Array]
+    finite: list[jax.Array]
+
+
+def split_tree(grads: Any, params: Any, num_state_leaves: int | None = None) -> SplitTree:
+    """Splits `params` and `grads` into float32 float leaves with finite gradients.
+
+    Args:
+      grads: the gradient tree (same structure as `params`).
+      params: the parameter tree.
+      num_state_leaves: the number of float leaves the optimizer state was built for; a
+        mismatch raises.
+
+    Raises:
+      ValueError: `params` is None, or its float leaves do not match the state's.
+    """
+    if params is None:
+        raise ValueError("a learned optimizer's update needs the current params")
+    leaves, treedef = jax.tree.flatten(params)
+    g_all = treedef.flatten_up_to(grads)
+    index = [i for i, p in enumerate(leaves) if is_float(p)]
+    if num_state_leaves is not None and len(index) != num_state_leaves:
+        raise ValueError(
+            f"params have {len(index)} float leaves, the optimizer state was made "
+            f"for {num_state_leaves}: init the state with these params"
+        )
+    ps, gs, fs = [], [], []
+    for i in index:
+        g = jnp.asarray(g_all[i]).astype(jnp.float32)
+        finite = jnp.isfinite(g)
+        ps.append(jnp.asarray(leaves[i]).astype(jnp.float32))
+        gs.append(jnp.where(finite, g, 0.0))
+        fs.append(finite)
+    return SplitTree(treedef, leaves, index, ps, gs, fs)
+
+
+def join_updates(split: SplitTree, updates: list[jax.Array]) -> Any:
+    """The update tree: `updates` (float32, one per float leaf) where gradients were finite,
+    cast to each parameter's dtype; zeros for non-float leaves."""
+    out = [jnp.zeros_like(p) for p in split.leaves]
+    for i, u, finite in zip(split.index, updates, split.finite, strict=True):
+        p = split.leaves[i]
+        out[i] = jnp.where(finite, u.reshape(jnp.shape(p)), 0.0).astype(jnp.asarray(p).dtype)
+    return jax.tree.unflatten(split.treedef, out)
+
+
+def capped_square(g: jax.Array) -> jax.Array:
+    """g², capped so that accumulators of it stay finite in float32."""
+    return jnp.minimum(jnp.square(g), MAX_SQUARE)
+
+
+def ema(old: jax.Array, new: jax.Array, decay: Any, finite: jax.Array) -> jax.Array:
+    """`decay * old + (1 - decay) * new` where `finite`, `old` elsewhere (broadcasting)."""
+    return jnp.where(finite, old * decay + new * (1 - decay), old)
+
+
+def normalise_rows(x: jax.Array) -> jax.Array:
+    """Divides every feature row of [features, n] by its root mean square over the n.
+
+    Inputs are finite (non-finite gradients are masked, squares capped), so a row whose
+    mean square overflows float32 (entries beyond ~1e19) becomes zero, never NaN.
+    """
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + EPS)
+
+
+def progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:
+    """Training-progress features: frac, frac², √frac and tanh(step / s) for `TANH_SCALES`.
+
+    The fraction of training done saturates at 1: training on past the declared horizon
+    looks like its last step, instead of extrapolating features never seen in meta-training.
+    """
+    num = jnp.maximum(num_steps.astype(jnp.float32), 1.0)
+    frac = jnp.minimum(step.astype(jnp.float32), num) / num
+    scales = jnp.asarray(TANH_SCALES)
+    return jnp.concatenate([jnp.stack([frac, frac**2, jnp.sqrt(frac)]), jnp.tanh(step / scales)])
+
+
+NUM_PROGRESS_FEATURES = 3 + len(TANH_SCALES)
+
+
+def fan_in(shape: tuple[int, ...]) -> int:
+    """The fan-in of a parameter tensor: 1 for scalars and vectors (biases, norms), else the
+    product of every axis but the last (dense kernels [in, out], conv kernels [h, w, in, out])."""
+    if len(shape) < 2:
+        return 1
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n
+
+
+WIDTH_SCALINGS = ("none", "fan_in")
+
+
+def width_scale(shape: tuple[int, ...], kind: str, ref: float) -> float:
+    """Width-aware (μP-style) multiplier of a tensor's update.
+
+    'fan_in' multiplies the update of every tensor of rank ≥ 2 by `ref / fan_in` (Thérien et
+    al. 2024, "μLO: Compute-Efficient Meta-Generalization of Learned Optimizers", after Yang
+    et al.'s μP): an update whose entries have a width-independent size (as a learned
+    optimizer's per-tensor-normalised update does) changes a layer's pre-activations by
+    ~fan_in times that size, so dividing by fan_in keeps the change the same for a layer
+    wider (or an input larger) than those seen in meta-training. Vectors and scalars
+    (biases, norm scales) are left alone, as in μP. `ref` is the fan-in at which the
+    multiplier is 1; 'none' is 1 everywhere.
+
+    Args:
+      shape: the parameter tensor's shape (static).
+      kind: one of `WIDTH_SCALINGS`.
+      ref: the reference fan-in (> 0).
+
+    Returns:
+      A Python float.
+    """
+    if kind == "none" or len(shape) < 2:
+        return 1.0
+    if kind != "fan_in":
+        raise ValueError(f"unknown width scaling {kind!r}; known: {WIDTH_SCALINGS}")
+    return ref / fan_in(shape)
+
+
+MAX_RANK_FEATURE = 4  # ranks 0..3 one-hot, 4 and above share the last slot
+NUM_TENSOR_FEATURES = MAX_RANK_FEATURE + 1 + 2  # rank one-hot, log size, log fan-in
+
+
+def tensor_features(shapes: list[tuple[int, ...]]) -> np.ndarray:
+    """Static per-tensor features [n_tensors, NUM_TENSOR_FEATURES]: a one-hot of the rank
+    (0, 1, 2, 3, >= 4), log(size) / 10 and log(fan-in) / 10 (`fan_in`).
+
+    Args:
+      shapes: the float leaves' shapes.
+
+    Returns:
+      A float32 NumPy array (a constant under jit: shapes are static).
+    """
+    rows = []
+    for shape in shapes:
+        one_hot = [0.0] * (MAX_RANK_FEATURE + 1)
+        one_hot[min(len(shape), MAX_RANK_FEATURE)] = 1.0
+        size = max(math.prod(shape), 1)
+        rows.append(one_hot + [math.log(size) / 10.0, math.log(fan_in(shape)) / 10.0])
+    return np.asarray(rows, np.float32).reshape(len(shapes), NUM_TENSOR_FEATURES)
+
+
+# The learned schedule's log-multiplier is bounded to ±this: at most e³ ≈ 20× up or down.
+SCHEDULE_HEAD_BOUND = 3.0
+
+
+def schedule_head_init(key: jax.Array, hidden: int) -> dict[str, jax.Array]:
+    """Meta-parameters of a learned per-tensor step-size schedule (see `schedule_head`).
+
+    The output layer starts at zero, so a fresh head multiplies every update by exactly 1.
+    """
+    n_in = NUM_PROGRESS_FEATURES + NUM_TENSOR_FEATURES
+    w = jax.random.normal(key, (n_in, hidden), jnp.float32) / math.sqrt(n_in)
+    return {
+        "w1": w,
+        "b1": jnp.zeros((hidden,), jnp.float32),
+        "w2": jnp.zeros((hidden,), jnp.float32),
+        "b2": jnp.zeros((), jnp.float32),
+    }
+
+
+def schedule_head(
+    params: dict[str, jax.Array], progress: jax.Array, tensors: jax.Array
+) -> jax.Array:
+    """Per-tensor step-size multipliers from training progress and what each tensor is.
+
+    A small MLP of [progress features, tensor features] outputs a log-multiplier per tensor,
+    bounded to ±`SCHEDULE_HEAD_BOUND` with tanh: the head can anneal late in training (or
+    warm up early) and treat kernels and biases differently, and no θ makes a step infinite.
+
+    Args:
+      params: from `schedule_head_init`.
+      progress: [NUM_PROGRESS_FEATURES] (`progress_features`).
+      tensors: [num_tensors, NUM_TENSOR_FEATURES] (`tensor_features` of each tensor).
+
+    Returns:
+      [num_tensors] positive multipliers.
+    """
+    x = jnp.concatenate(
+        [jnp.broadcast_to(progress, (tensors.shape[0],) + progress.shape), tensors], 1
+    )
+    h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    out = h @ params["w2"] + params["b2"]
+    return jnp.exp(SCHEDULE_HEAD_BOUND * jnp.tanh(out / SCHEDULE_HEAD_BOUND))

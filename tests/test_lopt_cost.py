@@ -1,0 +1,34 @@
+"""The learned-optimizer cost benchmark measures real updates and reports state sizes."""
+
+import pytest
+
+from evaluate.lopt_cost import TARGETS, format_table, measure, parse_variant
+
+
+@pytest.mark.slow  # ~1M-parameter updates of two optimizers (~12 s); CI runs it
+def test_measure_reports_ratios_and_exact_state_sizes():
+    results = measure({"mlp": ("mlp", {}), "small": ("mlp", {"hidden_size": 4})}, 1, 1)
+    n = results["_meta"]["num_params"]
+    assert n == 967_130  # the documented ~1M-parameter ConvNet
+    assert results["adam"]["ratio"] == 1.0
+    # Adam: two float32 moments; the MLP: 4 momenta and a mean square (+ two int32 counters).
+    assert results["adam"]["state_bytes_per_param"] == pytest.approx(8.0, abs=1e-4)
+    assert results["mlp"]["state_bytes_per_param"] == pytest.approx(20.0, abs=1e-4)
+    for name in ("mlp", "small"):
+        r = results[name]
+        assert r["seconds"] > 0 and r["ratio"] > 0
+        assert r["target"] == TARGETS["mlp"] and r["holds"] == (r["ratio"] <= TARGETS["mlp"])
+    table = format_table(results)
+    assert "| small |" in table and "967,130 parameters" in table
+
+
+def test_variant_specs_parse_and_bad_ones_fail():
+    assert parse_variant("s=mlp:hidden_size=8,feature_norm=false,step_schedule=cosine") == (
+        "s",
+        "mlp",
+        {"hidden_size": 8, "feature_norm": False, "step_schedule": "cosine"},
+    )
+    assert parse_variant("plain=adafac") == ("plain", "adafac", {})
+    for bad in ("mlp", "=mlp", "x=mlp:hidden_size"):
+        with pytest.raises(ValueError, match="--lopt"):
+            parse_variant(bad)
