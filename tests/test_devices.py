@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from meta_train.build import build_run
 from meta_train.config import load_config
@@ -96,6 +97,7 @@ def test_device_count_is_fixed_once_jax_runs():
         assert pair_sharding(8) is None  # one device holds everything
 
 
+@pytest.mark.slow  # ~20 s: two runs under two device counts; CI runs it
 def test_a_run_resumes_under_another_device_count(tmp_path):
     # Checkpoints hold arrays placed on the devices of the process that saved them; a
     # resume restores onto its own devices (2 -> 1 -> 2 here), never "topology mismatch".

@@ -189,6 +189,7 @@ def _reference_episode(problem, splits, theta, steps):
     return jnp.stack(losses), jnp.stack(valid), jnp.stack(test)
 
 
+@pytest.mark.slow  # ~17 s; CI runs it after the default suite
 def test_valid_final_objective_is_the_validation_loss_before_the_reset_at_the_window_end():
     # Episodes of exactly one window: its last step ends the episode and resets the state.
     K = 5
