@@ -87,13 +87,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.base import (
-    MetaParams,
-    Optimizer,
-    past_horizon_decay,
-    step_schedule,
-    step_schedule_problems,
-)
+from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -581,13 +575,7 @@ class AdaFacLOpt:
             new_state = AdaFacLOptState(momenta, rows, cols, state.step + 1, state.num_steps)
             if not split.index:  # no float leaves: nothing to update
                 return join_updates(split, []), new_state
-            scale = (
-                self.step_mult
-                * step_schedule(
-                    self.step_schedule, state.step, state.num_steps, self.step_schedule_final
-                )
-                * past_horizon_decay(state.step, state.num_steps)
-            )
+            scale = step_scale(self, state.step, state.num_steps, self.step_mult)
             shared = progress_features(state.step, state.num_steps)
             steps = _steps(theta, inputs, shared, scale, self.exp_mult, slow)
             return join_updates(split, steps), new_state

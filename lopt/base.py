@@ -113,3 +113,14 @@ def step_schedule(
     num = jnp.maximum(num_steps.astype(jnp.float32), 1.0)
     frac = jnp.minimum(step.astype(jnp.float32), num) / num
     return final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
+def step_scale(lopt: Any, step: jax.Array, num_steps: jax.Array, mult: Any = 1.0) -> jax.Array:
+    """`mult` × the fixed schedule of `lopt` (`step_schedule` with its `step_schedule` and
+    `step_schedule_final` options) × `past_horizon_decay`: the step-size multiplier every
+    kind of the zoo applies on top of what it learned."""
+    return (
+        mult
+        * step_schedule(lopt.step_schedule, step, num_steps, lopt.step_schedule_final)
+        * past_horizon_decay(step, num_steps)
+    )

@@ -84,13 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.base import (
-    MetaParams,
-    Optimizer,
-    past_horizon_decay,
-    step_schedule,
-    step_schedule_problems,
-)
+from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -565,13 +559,7 @@ class HierarchicalLOpt:
             context = jnp.tanh(head[:, k + 1 :])
             new_state = new_state._replace(lstm_h=h, lstm_c=c)
 
-            step_mult = (
-                self.step_mult
-                * step_schedule(
-                    self.step_schedule, state.step, state.num_steps, self.step_schedule_final
-                )
-                * past_horizon_decay(state.step, state.num_steps)
-            )
+            step_mult = step_scale(self, state.step, state.num_steps, self.step_mult)
             scale = step_mult * tensor_mult
             # Per-parameter level: small tensors batched through the bank, larger ones each
             # with its own mixture of the bank's weights (see the module docstring).

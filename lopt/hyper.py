@@ -42,13 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lopt.base import (
-    MetaParams,
-    Optimizer,
-    past_horizon_decay,
-    step_schedule,
-    step_schedule_problems,
-)
+from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
     MAX_SQUARE,
     NUM_PROGRESS_FEATURES,
@@ -121,13 +115,6 @@ def _validate_common(lopt: Any) -> list[str]:
         problems.append(f"lr_range must be in [0, 20], got {lopt.lr_range}")
     problems += step_schedule_problems(lopt)
     return problems
-
-
-def _step_scale(lopt: Any, step: jax.Array, num_steps: jax.Array) -> jax.Array:
-    """The fixed multiplier of the learned learning rate: step schedule × past-horizon decay."""
-    return step_schedule(
-        lopt.step_schedule, step, num_steps, lopt.step_schedule_final
-    ) * past_horizon_decay(step, num_steps)
 
 
 class LearnedAdamState(NamedTuple):
@@ -289,7 +276,7 @@ class LearnedAdamLOpt:
         out = self._net.apply({"params": theta}, x).T  # [4, n]
         lr = self.base_lr * jnp.exp(_bound(out[0], self.lr_range))
         return {
-            "lr": lr * _step_scale(self, step, num_steps),
+            "lr": step_scale(self, step, num_steps, lr),
             "beta1": jax.nn.sigmoid(_logit(self.beta1) + _bound(out[1], self.beta_range)),
             "beta2": jax.nn.sigmoid(_logit(self.beta2) + _bound(out[2], self.beta_range)),
             "eps": self.eps * jnp.exp(_bound(out[3], self.eps_range)),
@@ -436,7 +423,7 @@ class _LearnedSchedule:
         step, num_steps = jnp.asarray(step), jnp.asarray(num_steps)
         out = self._net.apply({"params": theta}, progress_features(step, num_steps)[None])
         lr = self.base_lr * jnp.exp(_bound(out[0, 0], self.lr_range))
-        return lr * _step_scale(self, step, num_steps)
+        return step_scale(self, step, num_steps, lr)
 
     def optimizer(self, theta: MetaParams) -> Optimizer:
         """Returns the optimizer with meta-parameters `theta`."""

@@ -37,13 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lopt.base import (
-    MetaParams,
-    Optimizer,
-    past_horizon_decay,
-    step_schedule,
-    step_schedule_problems,
-)
+from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -263,13 +257,7 @@ class MLPLOpt:
                 return join_updates(split, []), new_state
             shared = progress_features(state.step, state.num_steps)
             out = _apply_net(theta, jnp.concatenate(rows, axis=1), shared)
-            step_mult = (
-                self.step_mult
-                * step_schedule(
-                    self.step_schedule, state.step, state.num_steps, self.step_schedule_final
-                )
-                * past_horizon_decay(state.step, state.num_steps)
-            )
+            step_mult = step_scale(self, state.step, state.num_steps, self.step_mult)
             step = step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
             sizes = [p.size for p in split.params]
             offsets = [sum(sizes[:k]) for k in range(len(sizes))]
