@@ -99,7 +99,7 @@ from lopt.common import (
     progress_features,
     split_tree,
 )
-from lopt.mlp_lopt import _apply_net, _PerParamMLP
+from lopt.mlp_lopt import _apply_net, _PerParamMLP, hidden_and_output
 
 # Guards divisions by a mean that is zero only when every accumulator of a tensor is zero.
 _TINY = 1e-30
@@ -259,17 +259,6 @@ def _inverse_rms(x: _Inputs, slow: int) -> jax.Array:
     )
 
 
-def _hidden_and_output(theta: MetaParams, h: jax.Array) -> jax.Array:
-    """The network after its first layer (as in `lopt.mlp_lopt._apply_net`): [hidden, n]
-    first-layer activations in, [2, n] direction and log-magnitude out."""
-    layers = sorted((k for k in theta if k.startswith("Dense_")), key=lambda k: int(k[6:]))
-    for i, name in enumerate(layers):
-        h = jnp.einsum("ih,in->hn", theta[name]["kernel"], h) + theta[name]["bias"][:, None]
-        if i < len(layers) - 1:
-            h = jax.nn.relu(h)
-    return h
-
-
 def _apply_net_to_block(
     theta: MetaParams, x: _Inputs, factors: jax.Array, shared: jax.Array, slow: int
 ) -> jax.Array:
@@ -305,7 +294,7 @@ def _apply_net_to_block(
     edges = w[offset][:, None, None] * row + w[offset + 1][:, None, None] * col  # [h, a, b]
     bias = shared @ theta["w_in"][n_feats:] + theta["b_in"]
     h = jax.nn.relu(pre.reshape(-1, a, b) + edges + bias[:, None, None])
-    return _hidden_and_output(theta, h.reshape(-1, a * b))
+    return hidden_and_output(theta, h.reshape(-1, a * b))
 
 
 def _block_shape(a: int, b: int) -> tuple[int, int]:

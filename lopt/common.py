@@ -114,6 +114,64 @@ def normalise_rows(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + EPS)
 
 
+class MomentFeatures(NamedTuple):
+    """One tensor's advanced accumulators and its LOLv2 per-parameter feature rows.
+
+    Attributes:
+      momenta: the new momenta, [n_decays, *shape].
+      rms: the new running mean of squared gradients, [*shape].
+      parts: the raw (unnormalised) feature rows, each [k, size]: parameter, gradient,
+        momenta, rms, momenta / sqrt(rms), gradient / sqrt(rms). Concatenated they are the
+        [num_moment_features(n_decays), size] per-parameter input.
+    """
+
+    momenta: jax.Array
+    rms: jax.Array
+    parts: tuple[jax.Array, ...]
+
+
+def num_moment_features(n_decays: int) -> int:
+    """Rows of `moment_features`: p, g, n_decays momenta, rms, n_decays ratios, g ratio."""
+    return 2 * n_decays + 4
+
+
+def moment_features(
+    p: jax.Array,
+    g: jax.Array,
+    finite: jax.Array,
+    momenta: jax.Array,
+    rms: jax.Array,
+    decays: jax.Array,
+    rms_decay: float,
+) -> MomentFeatures:
+    """Advances one tensor's momenta and rms by the gradient and builds its feature rows.
+
+    The per-parameter inputs of Metz et al. 2022 ("Practical tradeoffs between memory,
+    compute, and performance in learned optimizers"), shared by the per-parameter MLP and
+    the hierarchical optimizer's per-parameter level.
+
+    Args:
+      p: the parameter (float32).
+      g: its gradient, non-finite entries already zeroed (`split_tree`).
+      finite: where the gradient was finite; elsewhere the accumulators are kept.
+      momenta: [n_decays, *shape] momenta before this step.
+      rms: the mean of squared gradients before this step.
+      decays: [n_decays] momentum decays.
+      rms_decay: decay of the mean of squared gradients.
+
+    Returns:
+      The new accumulators and the raw feature rows (`MomentFeatures`).
+    """
+    n_decays = decays.shape[0]
+    d = decays.reshape((n_decays,) + (1,) * g.ndim)
+    m = ema(momenta, g[None], d, finite[None])
+    v = ema(rms, capped_square(g), rms_decay, finite)
+    inv = jax.lax.rsqrt(v + EPS).reshape(1, -1)
+    m_flat, g_flat = m.reshape(n_decays, -1), g.reshape(1, -1)
+    parts = (p.reshape(1, -1), g_flat, m_flat, v.reshape(1, -1), m_flat * inv, g_flat * inv)
+    return MomentFeatures(m, v, parts)
+
+
 def progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:
     """Training-progress features: frac, frac², √frac and tanh(step / s) for `TANH_SCALES`.
 

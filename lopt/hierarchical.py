@@ -86,14 +86,15 @@ import numpy as np
 
 from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
-    EPS,
     NUM_PROGRESS_FEATURES,
     capped_square,
     ema,
     fan_in,
     float_leaves,
     join_updates,
+    moment_features,
     normalise_rows,
+    num_moment_features,
     progress_features,
     split_tree,
 )
@@ -263,8 +264,7 @@ class HierarchicalLOpt:
 
     @property
     def num_per_param_features(self) -> int:
-        # p, g, momenta, rms, momenta/sqrt(rms), g/sqrt(rms)
-        return 2 + 2 * len(self.momentum_decays) + 2
+        return num_moment_features(len(self.momentum_decays))
 
     @property
     def tensor_feature_names(self) -> tuple[str, ...]:
@@ -404,16 +404,11 @@ class HierarchicalLOpt:
         for p, g, finite, m, v in zip(
             split.params, split.grads, split.finite, state.momenta, state.rms, strict=True
         ):
-            d = decays.reshape((n_decays,) + (1,) * g.ndim)
-            m = ema(m, g[None], d, finite[None])
-            v = ema(v, capped_square(g), self.rms_decay, finite)
-            momenta.append(m)
-            rms.append(v)
-            inv = jax.lax.rsqrt(v + EPS).reshape(1, -1)
-            m_flat, g_flat, v_flat = m.reshape(n_decays, -1), g.reshape(1, -1), v.reshape(1, -1)
-            m_inv = m_flat * inv
-            feats = [p.reshape(1, -1), g_flat, m_flat, v_flat, m_inv, g_flat * inv]
-            rows.append(normalise_rows(jnp.concatenate(feats)))
+            mf = moment_features(p, g, finite, m, v, decays, self.rms_decay)
+            momenta.append(mf.momenta)
+            rms.append(mf.rms)
+            rows.append(normalise_rows(jnp.concatenate(mf.parts)))
+            _, g_flat, m_flat, v_flat, m_inv, _ = mf.parts
             # Per-tensor summaries: means of these rows. Squares are capped; sums of huge
             # entries may still overflow to +inf (then clipped by `_log`). One reduction per
             # row: XLA fuses them as they read the same inputs (a reduction of the rows'

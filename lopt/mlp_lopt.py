@@ -39,14 +39,13 @@ import jax.numpy as jnp
 
 from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
-    EPS,
     NUM_PROGRESS_FEATURES,
     WIDTH_SCALINGS,
-    capped_square,
-    ema,
     float_leaves,
     join_updates,
+    moment_features,
     normalise_rows,
+    num_moment_features,
     progress_features,
     schedule_head,
     schedule_head_init,
@@ -113,6 +112,13 @@ def _apply_net(theta: MetaParams, per_param: jax.Array, shared: jax.Array) -> ja
     n_p = per_param.shape[0]
     w, b = theta["w_in"], theta["b_in"]
     h = jax.nn.relu(jnp.einsum("fh,fn->hn", w[:n_p], per_param) + (shared @ w[n_p:] + b)[:, None])
+    return hidden_and_output(theta, h)
+
+
+def hidden_and_output(theta: MetaParams, h: jax.Array) -> jax.Array:
+    """The per-parameter network after its first layer: [hidden, n] first-layer activations
+    in, [2, n] direction and log-magnitude out (the flax `Dense_i` layers of `_PerParamMLP`,
+    feature-major)."""
     layers = sorted((k for k in theta if k.startswith("Dense_")), key=lambda k: int(k[6:]))
     for i, name in enumerate(layers):
         h = jnp.einsum("ih,in->hn", theta[name]["kernel"], h) + theta[name]["bias"][:, None]
@@ -190,8 +196,7 @@ class MLPLOpt:
 
     @property
     def num_per_param_features(self) -> int:
-        # p, g, momenta, rms, momenta/sqrt(rms), g/sqrt(rms)
-        return 2 + 2 * len(self.momentum_decays) + 2
+        return num_moment_features(len(self.momentum_decays))
 
     @property
     def num_shared_features(self) -> int:
@@ -235,22 +240,10 @@ class MLPLOpt:
             for p, g, finite, m, v in zip(
                 split.params, split.grads, split.finite, state.momenta, state.rms, strict=True
             ):
-                d = decays.reshape((n_decays,) + (1,) * g.ndim)
-                m = ema(m, g[None], d, finite[None])
-                v = ema(v, capped_square(g), self.rms_decay, finite)
-                momenta.append(m)
-                rms.append(v)
-                inv = jax.lax.rsqrt(v + EPS)
-                feats = jnp.concatenate(
-                    [
-                        p.reshape(1, -1),
-                        g.reshape(1, -1),
-                        m.reshape(n_decays, -1),
-                        v.reshape(1, -1),
-                        (m * inv[None]).reshape(n_decays, -1),
-                        (g * inv).reshape(1, -1),
-                    ]
-                )
+                mf = moment_features(p, g, finite, m, v, decays, self.rms_decay)
+                momenta.append(mf.momenta)
+                rms.append(mf.rms)
+                feats = jnp.concatenate(mf.parts)
                 rows.append(normalise_rows(feats) if self.feature_norm else feats)
             new_state = MLPLOptState(momenta, rms, state.step + 1, state.num_steps)
             if not split.index:  # no float leaves: nothing to update

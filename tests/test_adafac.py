@@ -4,21 +4,16 @@ import dataclasses
 import json
 
 import flax.linen as nn
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from lopt_cases import EPS, MODEL_TREES, TANH_SCALES, reference_network_update
 
 import lopt.adafac as adafac
 from lopt.adafac import AdaFacLOpt, AdaFacLOptState, matrix_shape
 from lopt.export import as_optax
-
-# Progress features shared by every parameter: frac, frac², sqrt(frac), tanh(step / s).
-TANH_SCALES = (3.0, 10.0, 30.0, 100.0, 300.0)
-EPS = 1e-8  # inside every rsqrt and in the per-tensor normalisation
 
 
 def _expected_count(hidden: int, layers: int, n_mom: int, n_rms: int) -> int:
@@ -91,22 +86,7 @@ def _reference_update(lopt, theta, p, g, m, r, c, step, num_steps):
         + [np.broadcast_to(1 / np.sqrt(r[slow] + EPS)[:, None], (a, b))]
         + [np.broadcast_to(1 / np.sqrt(c[slow] + EPS)[None, :], (a, b))]
     )
-    feats = np.stack([x.ravel() for x in columns], axis=1)  # one row per parameter
-    feats = feats / np.sqrt(np.mean(feats**2, axis=0, keepdims=True) + EPS)  # per tensor
-    frac = min(step, num_steps) / max(num_steps, 1)  # saturates past the horizon
-    shared = [frac, frac**2, np.sqrt(frac)] + [np.tanh(step / s) for s in TANH_SCALES]
-    x = np.concatenate([feats, np.tile(shared, (feats.shape[0], 1))], axis=1)
-    w = jax.tree.map(lambda t: np.asarray(t, np.float64), theta)
-    h = np.maximum(x @ w["w_in"] + w["b_in"], 0.0)
-    for i in range(lopt.hidden_layers - 1):
-        h = np.maximum(h @ w[f"Dense_{i}"]["kernel"] + w[f"Dense_{i}"]["bias"], 0.0)
-    last = w[f"Dense_{lopt.hidden_layers - 1}"]
-    out = h @ last["kernel"] + last["bias"]
-    decay = min(1.0, num_steps / max(step, 1))  # 1/t annealing past the horizon
-    if lopt.step_schedule == "cosine":  # from 1 to `final` at the horizon, then flat
-        f = lopt.step_schedule_final
-        decay *= f + (1 - f) * 0.5 * (1 + np.cos(np.pi * frac))
-    u = decay * lopt.step_mult * out[:, 0] * np.exp(lopt.exp_mult * out[:, 1])
+    u = reference_network_update(lopt, theta, columns, step, num_steps)
     return u.reshape(p.shape), m, r, c
 
 
@@ -221,21 +201,7 @@ class _ConvNet(nn.Module):
         return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 
-def _flax_params():
-    return _ConvNet().init(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 2)))["params"]
-
-
-def _haiku_params():
-    f = hk.transform(lambda x: hk.nets.MLP([16, 3])(x))
-    return f.init(jax.random.PRNGKey(0), jnp.ones((2, 5)))
-
-
-def _nnx_state():
-    model = nnx.Sequential(nnx.Linear(5, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
-    return nnx.state(model, nnx.Param)
-
-
-@pytest.mark.parametrize("make_params", [_flax_params, _haiku_params, _nnx_state])
+@pytest.mark.parametrize("make_params", MODEL_TREES)
 def test_fresh_optimizer_takes_small_finite_steps_on_nested_pytrees(make_params):
     params = {"model": make_params(), "counters": {"seen": jnp.int32(5)}}
     lopt = AdaFacLOpt()
@@ -359,18 +325,6 @@ def test_float0_integer_and_empty_leaves_pass_through():
         updates, state = opt.update(params, opt.init(params, 10), params, jnp.float32(1.0))
         assert jax.tree.structure(updates) == jax.tree.structure(params)
         assert int(state.step) == 1
-
-
-def test_mismatched_trees_fail_clearly():
-    lopt = AdaFacLOpt()
-    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
-    params = {"w": jnp.ones((2, 3))}
-    state = opt.init(params, 10)
-    with pytest.raises(ValueError):
-        opt.update({"v": jnp.ones((2, 3))}, state, params, 1.0)
-    two = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
-    with pytest.raises(ValueError, match="init the state with these params"):
-        opt.update(two, state, two, 1.0)
 
 
 @pytest.mark.parametrize("rows", [6, 1000], ids=["one-matmul", "blocked"])

@@ -5,21 +5,17 @@ import functools
 import json
 import math
 
-import flax.linen as nn
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from lopt_cases import EPS, TANH_SCALES, flax_params, haiku_params, nnx_state
 
 import lopt.hierarchical as hierarchical
 from lopt.export import as_optax
 from lopt.hierarchical import HierarchicalLOpt, HierarchicalLOptState
 
-TANH_SCALES = (3.0, 10.0, 30.0, 100.0, 300.0)  # progress features: tanh(step / s)
-EPS = 1e-8  # inside every rsqrt
 NUM_TENSOR_FEATURES = 33  # of the default configuration (see _reference_tensor_features)
 
 
@@ -305,27 +301,12 @@ def test_updates_match_an_independent_float64_reference(lopt):
 # ---------------------------------------------------------------------------------------------
 
 
-def _flax_params():
-    model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
-    return model.init(jax.random.PRNGKey(0), jnp.ones((2, 5)))["params"]
-
-
-def _haiku_params():
-    f = hk.transform(lambda x: hk.nets.MLP([16, 3])(x))
-    return f.init(jax.random.PRNGKey(0), jnp.ones((2, 5)))
-
-
-def _nnx_state():
-    model = nnx.Sequential(nnx.Linear(5, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
-    return nnx.state(model, nnx.Param)
-
-
 def test_fresh_optimizer_takes_small_finite_steps_on_any_pytree():
     # Nested library pytrees, plus an integer counter, a conv kernel and a scalar.
     params = {
-        "flax": _flax_params(),
-        "haiku": _haiku_params(),
-        "nnx": _nnx_state(),
+        "flax": flax_params(),
+        "haiku": haiku_params(),
+        "nnx": nnx_state(),
         "count": jnp.int32(4),
         "conv": jnp.ones((3, 3, 2, 4)),
         "scale": jnp.float32(1.0),
@@ -669,18 +650,6 @@ def test_trees_without_float_leaves_pass_through(params):
     assert all(int(u) == 0 for u in jax.tree.leaves(updates))
     assert int(state.step) == 1 and float(state.loss_first) == 1.0
     assert state.lstm_h.shape == (0, lopt.lstm_hidden)
-
-
-def test_mismatched_trees_fail_clearly():
-    lopt = HierarchicalLOpt()
-    theta = _fresh_theta(lopt, jax.random.PRNGKey(0))
-    params = {"w": jnp.ones((2, 3))}
-    state = _init(lopt, params, 10)
-    with pytest.raises(ValueError):
-        _update(lopt, theta, {"v": jnp.ones((2, 3))}, state, params, 1.0)
-    two = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
-    with pytest.raises(ValueError, match="init the state with these params"):
-        _update(lopt, theta, two, state, two, 1.0)
 
 
 def test_state_is_a_float32_pytree_that_vmaps():

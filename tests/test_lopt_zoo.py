@@ -147,6 +147,19 @@ def test_state_can_be_donated_as_training_loops_do(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_state_of_other_params_fails_clearly(kind):
+    lopt = make_lopt(kind)
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    params = {"w": jnp.ones((2, 3))}
+    state = opt.init(params, 10)
+    with pytest.raises(ValueError):  # gradients of another tree than the params
+        opt.update({"v": jnp.ones((2, 3))}, state, params, 1.0)
+    two = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match="init the state with these params"):
+        opt.update(two, state, two, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_export_composes_in_chain_and_rejects_a_missing_loss(kind):
     lopt = make_lopt(kind)
     tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, _theta(lopt), 10))

@@ -1,20 +1,14 @@
 """Tests of the per-parameter MLP learned optimizer."""
 
-import flax.linen as nn
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from lopt_cases import EPS, MODEL_TREES, TANH_SCALES, reference_network_update
 
 from lopt.mlp_lopt import MLPLOpt
 from lopt.registry import make_lopt
-
-# Progress features shared by every parameter: frac, frac², sqrt(frac), tanh(step / s).
-TANH_SCALES = (3.0, 10.0, 30.0, 100.0, 300.0)
-EPS = 1e-8  # inside every rsqrt (documented as sqrt(rms + eps) and rms-over-rows + eps)
 
 
 def _expected_count(hidden: int, layers: int, decays: int) -> int:
@@ -50,22 +44,7 @@ def _reference_update(lopt, theta, p, g, m, v, step, num_steps):
     v = v * lopt.rms_decay + g**2 * (1.0 - lopt.rms_decay)
     inv = 1.0 / np.sqrt(v + EPS)
     columns = [p, g, *np.moveaxis(m, -1, 0), v, *np.moveaxis(m * inv[..., None], -1, 0), g * inv]
-    feats = np.stack([c.ravel() for c in columns], axis=1)  # one row per parameter
-    feats = feats / np.sqrt(np.mean(feats**2, axis=0, keepdims=True) + EPS)  # per tensor
-    frac = min(step, num_steps) / max(num_steps, 1)  # saturates past the horizon
-    shared = [frac, frac**2, np.sqrt(frac)] + [np.tanh(step / s) for s in TANH_SCALES]
-    x = np.concatenate([feats, np.tile(shared, (feats.shape[0], 1))], axis=1)
-    w = jax.tree.map(lambda a: np.asarray(a, np.float64), theta)
-    h = np.maximum(x @ w["w_in"] + w["b_in"], 0.0)
-    for i in range(lopt.hidden_layers - 1):
-        h = np.maximum(h @ w[f"Dense_{i}"]["kernel"] + w[f"Dense_{i}"]["bias"], 0.0)
-    last = w[f"Dense_{lopt.hidden_layers - 1}"]
-    out = h @ last["kernel"] + last["bias"]
-    decay = min(1.0, num_steps / max(step, 1))  # 1/t annealing past the horizon
-    if lopt.step_schedule == "cosine":  # from 1 to `final` at the horizon, then flat
-        f = lopt.step_schedule_final
-        decay *= f + (1 - f) * 0.5 * (1 + np.cos(np.pi * frac))
-    u = decay * lopt.step_mult * out[:, 0] * np.exp(lopt.exp_mult * out[:, 1])
+    u = reference_network_update(lopt, theta, columns, step, num_steps)
     return u.reshape(p.shape), m, v
 
 
@@ -127,22 +106,7 @@ def test_updates_match_an_independent_float64_reference(lopt):
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=k)
 
 
-def _flax_params():
-    model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
-    return model.init(jax.random.PRNGKey(0), jnp.ones((2, 5)))["params"]
-
-
-def _haiku_params():
-    f = hk.transform(lambda x: hk.nets.MLP([16, 3])(x))
-    return f.init(jax.random.PRNGKey(0), jnp.ones((2, 5)))
-
-
-def _nnx_state():
-    model = nnx.Sequential(nnx.Linear(5, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
-    return nnx.state(model, nnx.Param)
-
-
-@pytest.mark.parametrize("make_params", [_flax_params, _haiku_params, _nnx_state])
+@pytest.mark.parametrize("make_params", MODEL_TREES)
 def test_fresh_optimizer_takes_small_finite_steps_on_any_pytree(make_params):
     params = make_params()
     lopt = MLPLOpt()
@@ -379,18 +343,6 @@ def test_trees_without_float_leaves_pass_through(params):
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     assert all(int(u) == 0 for u in jax.tree.leaves(updates))
     assert int(state.step) == 1
-
-
-def test_mismatched_trees_fail_clearly():
-    lopt = MLPLOpt()
-    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
-    params = {"w": jnp.ones((2, 3))}
-    state = opt.init(params, 10)
-    with pytest.raises(ValueError):
-        opt.update({"v": jnp.ones((2, 3))}, state, params, 1.0)
-    two = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
-    with pytest.raises(ValueError, match="init the state with these params"):
-        opt.update(two, state, two, 1.0)
 
 
 def test_past_the_horizon_progress_saturates_and_the_update_anneals():
