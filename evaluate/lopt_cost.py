@@ -12,7 +12,12 @@ dense layers on 32×32×3 inputs: 967,130 parameters), reports:
   out; buffers donated, as in a training loop) relative to Adam's: rounds alternate between
   the optimizers so that drift hits all alike, and the median of the per-round ratios is
   printed with its range;
-- the optimizer state size in bytes per parameter (Adam: 8, two float32 moments).
+- the optimizer state size in bytes per parameter (Adam: 8, two float32 moments);
+- a floor, `mlp state only`: an update that only advances the per-parameter MLP's
+  accumulators (4 momenta and a mean square, 20 bytes per parameter) and steps along one
+  momentum, no features, no network. No per-parameter optimizer with that state can be
+  cheaper; on a CPU whose last-level cache holds Adam's working set but not this one, it
+  alone is a large part of a 3× budget.
 
 Targets (issue 11, this project's 2-core CPU): per-parameter MLP and AdaFac ≤ 3× Adam's
 update time, hierarchical ≤ 4×. The output says which hold. Absolute times drift by up to 2×
@@ -62,6 +67,45 @@ def num_params(tree: Any) -> int:
 
 def state_bytes(state: Any) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
+FLOOR = "mlp state only"
+
+
+def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
+    """The per-parameter MLP's accumulator update alone, as an optax transformation.
+
+    Args:
+      decays: momentum decays (the MLP's defaults).
+      rms_decay: decay of the mean of squared gradients.
+
+    Returns:
+      A transformation whose state is the MLP's (momenta [K, *shape] and rms per leaf) and
+      whose update is `-1e-3 * momentum(0.9)`, so nothing it computes is dead code.
+    """
+    d = jnp.asarray(decays, jnp.float32)
+
+    def init(params):
+        return jax.tree.map(
+            lambda p: (jnp.zeros((len(decays),) + p.shape), jnp.zeros(p.shape)), params
+        )
+
+    def update(grads, state, params=None, **extra):
+        del params, extra
+
+        def leaf(g, s):
+            m, v = s
+            m = d.reshape((-1,) + (1,) * g.ndim) * m + (1 - d.reshape((-1,) + (1,) * g.ndim)) * g
+            v = rms_decay * v + (1 - rms_decay) * jnp.square(g)
+            return -1e-3 * m[1] * jax.lax.rsqrt(v + 1e-8), (m, v)
+
+        leaves, treedef = jax.tree.flatten(grads)
+        out = [leaf(g, s) for g, s in zip(leaves, treedef.flatten_up_to(state), strict=True)]
+        updates = jax.tree.unflatten(treedef, [u for u, _ in out])
+        new_state = jax.tree.unflatten(treedef, [s for _, s in out])
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _stepper(tx: optax.GradientTransformationExtraArgs):
@@ -134,7 +178,7 @@ def measure(
     )
     loss = jnp.float32(2.3)
     n = num_params(params)
-    txs = {"adam": optax.with_extra_args_support(optax.adam(1e-3))}
+    txs = {"adam": optax.with_extra_args_support(optax.adam(1e-3)), FLOOR: state_floor()}
     if not isinstance(kinds, dict):
         kinds = {kind: (kind, {}) for kind in kinds}
     for name, (kind, options) in kinds.items():

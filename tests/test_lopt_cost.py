@@ -1,8 +1,12 @@
 """The learned-optimizer cost benchmark measures real updates and reports state sizes."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from evaluate.lopt_cost import TARGETS, format_table, measure, parse_variant
+from evaluate.lopt_cost import FLOOR, TARGETS, format_table, measure, parse_variant, state_floor
+from lopt.mlp_lopt import MLPLOpt
 
 
 @pytest.mark.slow  # ~1M-parameter updates of two optimizers (~12 s); CI runs it
@@ -14,6 +18,7 @@ def test_measure_reports_ratios_and_exact_state_sizes():
     # Adam: two float32 moments; the MLP: 4 momenta and a mean square (+ two int32 counters).
     assert results["adam"]["state_bytes_per_param"] == pytest.approx(8.0, abs=1e-4)
     assert results["mlp"]["state_bytes_per_param"] == pytest.approx(20.0, abs=1e-4)
+    assert results[FLOOR]["state_bytes_per_param"] == pytest.approx(20.0, abs=1e-4)
     for name in ("mlp", "small"):
         r = results[name]
         assert r["seconds"] > 0 and r["ratio"] > 0
@@ -32,3 +37,24 @@ def test_variant_specs_parse_and_bad_ones_fail():
     for bad in ("mlp", "=mlp", "x=mlp:hidden_size"):
         with pytest.raises(ValueError, match="--lopt"):
             parse_variant(bad)
+
+
+def test_the_floor_advances_exactly_the_mlp_optimizers_accumulators():
+    params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    grads = [
+        jax.tree.map(lambda p, k=k: jnp.sin(k + jnp.arange(p.size).reshape(p.shape)), params)
+        for k in range(3)
+    ]
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    floor = state_floor(lopt.momentum_decays, lopt.rms_decay)
+    s_mlp, s_floor = opt.init(params, 10), floor.init(params)
+    for g in grads:
+        _, s_mlp = opt.update(g, s_mlp, params)
+        u, s_floor = floor.update(g, s_floor, params)
+    leaves = jax.tree.leaves(params)
+    for i, (m, v) in enumerate(jax.tree.leaves(s_floor, is_leaf=lambda x: isinstance(x, tuple))):
+        np.testing.assert_allclose(m, s_mlp.momenta[i], rtol=1e-6)
+        np.testing.assert_allclose(v, s_mlp.rms[i], rtol=1e-6)
+        assert m.shape == (4,) + leaves[i].shape
+    assert all(np.all(np.isfinite(x)) and np.any(x != 0) for x in jax.tree.leaves(u))
