@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,25 @@ import jax.numpy as jnp
 from lopt.base import LearnedOptimizer
 from lopt.registry import make_lopt
 from meta_train.config import Config
-from meta_train.devices import estimator_shardings, shard_learner_state, with_shardings
+from meta_train.devices import (
+    estimator_shardings,
+    shard_learner_state,
+    with_shardings,
+)
 from meta_train.estimators import WindowObjective, make_estimator
 from meta_train.groups import TemplateSchedule
 from meta_train.jit import jit
-from meta_train.learner import LearnerState, grouped_outer_step, init_learner, outer_optimizer
+from meta_train.learner import (
+    LearnerState,
+    estimate_group,
+    estimate_step,
+    grouped_estimate,
+    grouped_outer_step,
+    init_learner,
+    init_particles,
+    learner_keys,
+    outer_optimizer,
+)
 from meta_train.learner import outer_step as fused_outer_step
 from meta_train.lopt_problem import LOptProblem
 from meta_train.unroll import EpisodeSchedule
@@ -25,6 +40,9 @@ from tasks.family import TaskFamily
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
 # Sub-stream of TRAIN_STREAM for groups' fresh particles after a template switch.
 _SWITCH_STREAM = 2
+# Sub-stream of the particles' key for gradient workers other than the first one's first
+# incarnation (`Run.worker_keys`).
+_WORKER_STREAM = 3
 
 
 @jit()
@@ -90,6 +108,52 @@ class Run:
         est = self.estimator if templates is None else self.estimator_for(templates)
         return init_learner(est, theta, self.outer_opt, k_learner)
 
+    def init_server_state(self) -> LearnerState:
+        """The gradient server's initial learner state: the in-process run's θ and outer
+        state, and no particles (workers own them)."""
+        k_theta, k_learner = jax.random.split(self._key())
+        theta = self.lopt.init_meta(k_theta)
+        return self.place_server(init_learner(None, theta, self.outer_opt, k_learner))
+
+    @staticmethod
+    def place_server(state: LearnerState) -> LearnerState:
+        """A particle-free learner state on one device: the update of θ is too small to gain
+        from several, and a replicated one would run on each."""
+        return jax.device_put(state, jax.devices()[0])
+
+    def worker_keys(self, index: int, incarnation: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(particles' key, estimate keys' key) of gradient worker `index` after
+        `incarnation` replacements. Worker 0's first incarnation draws the in-process run's
+        keys, so one synchronous worker reproduces it; the others, and every replacement,
+        draw fresh streams."""
+        k_est, k_run = learner_keys(jax.random.split(self._key())[1])
+        if index or incarnation:
+            ids = (_WORKER_STREAM, index, incarnation)
+            k_est, k_run = (functools.reduce(jax.random.fold_in, ids, k) for k in (k_est, k_run))
+        return k_est, k_run
+
+    def init_particles(self, theta, key: jax.Array):
+        """Fresh particles of the groups' first templates, placed across devices."""
+        est = init_particles(self.estimator, theta, key)
+        return jax.device_put(est, estimator_shardings(est, self._pairs_per_group))
+
+    def estimate(self, est_state, theta, key: jax.Array, step: int):
+        """The estimate half of outer step `step` (a worker's own count of estimates) on
+        particles `est_state` (consumed): switches a group's template first when the
+        schedule says so.
+
+        Returns:
+          The flat meta-gradient, the new particles and the window's metrics.
+        """
+        if not self.switching:
+            return estimate_step(self.estimator, est_state, theta, key)
+        templates = self.schedule.templates_at(step)
+        g = self.schedule.switching_group(step)
+        if g is not None:
+            est_state = self._switch_group(est_state, theta, g, templates[g], step)
+        estimators = [self.group_estimator(t) for t in templates]
+        return grouped_estimate(estimators, est_state, theta, key)
+
     def abstract_state(self, done: int = 0) -> LearnerState:
         """Shapes, dtypes and placement of the learner state after `done` outer steps
         (restore targets: the groups' templates then decide the particles' shapes)."""
@@ -115,22 +179,27 @@ class Run:
         return grouped_outer_step(estimators, state, self.outer_opt)
 
     def _switch(self, state: LearnerState, group: int, template: int, step: int):
+        est_state = self._switch_group(state.est_state, state.theta, group, template, step)
+        return state.replace(est_state=est_state)
+
+    def _switch_group(self, est_state, theta, group: int, template: int, step: int):
+        """`est_state` with `group`'s particles fresh on `template`."""
         key = jax.random.fold_in(jax.random.fold_in(self._key(), _SWITCH_STREAM), step)
-        fresh = _init_group(self.group_estimator(template), state.theta, key, jnp.int32(group))
+        fresh = _init_group(self.group_estimator(template), theta, key, jnp.int32(group))
         fresh = jax.device_put(fresh, estimator_shardings(fresh, self._pairs_per_group))
-        groups = [state.est_state.group(g) for g in range(self.config.meta.task_groups)]
+        groups = [est_state.group(g) for g in range(self.config.meta.task_groups)]
         groups[group] = fresh
-        return state.replace(est_state=type(fresh).join(groups))
+        return type(fresh).join(groups)
 
     def compile_counts(self) -> dict[str, int]:
         """Compilations (jit cache entries) of the functions a run calls per step."""
-        from meta_train.learner import apply_estimates, estimate_group  # noqa: PLC0415
+        from meta_train.learner import apply_gradient  # noqa: PLC0415
 
         return {
             "outer_step": fused_outer_step._cache_size(),
             "estimate_group": estimate_group._cache_size(),
             "init_group": _init_group._cache_size(),
-            "apply_estimates": apply_estimates._cache_size(),
+            "apply_gradient": apply_gradient._cache_size(),
         }
 
     @property

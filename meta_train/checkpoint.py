@@ -69,6 +69,9 @@ RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
         "eval.*",
         "valid.every",  # which steps validate; the tasks, seeds and score stay the same
         "valid.guard_*",
+        # Where estimates are computed (backend, workers, staleness): a learner may come back
+        # with more or fewer workers; runs from before the server had no [server] section.
+        "server.*",
     }
 )
 """Config keys (``section.key``; ``section.*`` for a whole section) that may change on resume."""

@@ -252,6 +252,16 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "guard_action": OneOf(_guard_actions),
         "guard_lr_factor": Rule("a number in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
     },
+    "server": {
+        "backend": OneOf(lambda: ("in_process", "ray")),
+        "workers": int_at_least(1),
+        "mode": OneOf(lambda: ("sync", "async")),
+        "meta_batch": int_at_least(0, " (0: one estimate per worker)"),
+        "max_staleness": int_at_least(0),
+        "ray_address": ANY_STR,
+        "pin_cores": Rule("true or false", lambda v: isinstance(v, bool)),
+        "worker_timeout_s": Rule("a finite number > 0", lambda v: _finite(v) and v > 0),
+    },
 }
 """What every config key may hold, per section: the one place for per-key rules."""
 
@@ -503,6 +513,49 @@ class ValidConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Where the meta-gradient is estimated: the gradient server (`meta_train.server`).
+
+    The learner owns θ, the outer optimizer, checkpoints and logging; workers own particles
+    and return gradient estimates tagged with the θ version they used.
+
+    Attributes:
+      backend: 'in_process' (default: workers are objects of this process, run one after
+        another; with one worker both halves run as one jitted call per outer step) or
+        'ray' (each worker a Ray actor, in parallel).
+      workers: gradient workers. Each holds `meta.num_pairs` pairs in `meta.task_groups`
+        groups, so one outer step with W workers averages W times the pairs.
+      mode: 'sync' (every outer step waits for one estimate from every worker, all of the
+        current θ) or 'async' (workers never wait; the learner applies `meta_batch`
+        estimates at a time, of whatever θ version each worker had).
+      meta_batch: estimates per outer step (0: `workers`).
+      max_staleness: estimates computed from θ more than this many versions old are dropped
+        (counted and logged) rather than applied. Sync mode has none.
+      ray_address: '' starts Ray on this machine (`ray.init()`); else the address of an
+        existing cluster ('auto', 'ray://host:10001', ...).
+      pin_cores: pin worker i of a Ray backend to core i % cores of its machine (one JAX
+        CPU device each), so workers do not fight over cores.
+      worker_timeout_s: a worker silent for this long is declared lost and replaced.
+    """
+
+    backend: str = "in_process"
+    workers: int = 1
+    mode: str = "sync"
+    meta_batch: int = 0
+    max_staleness: int = 2
+    ray_address: str = ""
+    pin_cores: bool = True
+    worker_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        check_section("server", self)
+
+    @property
+    def estimates_per_step(self) -> int:
+        return self.meta_batch or self.workers
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     task_family: FamilyConfig = FamilyConfig()
@@ -510,6 +563,7 @@ class Config:
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
     valid: ValidConfig = ValidConfig()
+    server: ServerConfig = ServerConfig()
 
     def __post_init__(self):
         # The other sections check themselves; FamilyConfig lives in tasks.family.

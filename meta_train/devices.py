@@ -53,7 +53,7 @@ def serialize_collectives() -> bool:
     pool; two such programs each waiting in an all-reduce for its other device's half can
     hold every thread (2 cores: 2 threads) and deadlock until the rendezvous times out
     (40 s, then the process aborts). Seen in long runs that switch templates, whose groups
-    are separate programs (`meta_train.learner.grouped_outer_step`).
+    are separate programs (`meta_train.learner.grouped_estimate`).
     """
     return jax.default_backend() == "cpu" and jax.device_count() > 1
 

@@ -79,14 +79,22 @@ def outer_optimizer(
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(lr))
 
 
+def learner_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(particles' key, the run's key) of `init_learner`: a gradient worker that starts from
+    them draws exactly the particles and estimate keys of the in-process run."""
+    k_est, k_run = jax.random.split(key)
+    return k_est, k_run
+
+
 @jit(static_argnames=("outer_opt",))
 def init_learner(estimator, theta: Any, outer_opt, key: jax.Array) -> LearnerState:
-    """The learner's initial state: fresh staggered particles and outer optimizer state."""
-    k_est, k_run = jax.random.split(key)
+    """The learner's initial state: fresh staggered particles (none when `estimator` is
+    None: gradient workers own them) and outer optimizer state."""
+    k_est, k_run = learner_keys(key)
     return LearnerState(
         theta=theta,
         opt_state=outer_opt.init(ravel_pytree(theta)[0]),
-        est_state=estimator.init(k_est, theta),
+        est_state=() if estimator is None else estimator.init(k_est, theta),
         key=k_run,
         step=jnp.zeros((), jnp.int32),
         last_grad=jnp.zeros_like(ravel_pytree(theta)[0]),
@@ -122,6 +130,35 @@ def outer_step(estimator, state: LearnerState, outer_opt) -> tuple[LearnerState,
     return _apply(state, ravel_pytree(grad)[0], est_state, key, metrics, outer_opt)
 
 
+@jit()
+def init_particles(estimator, theta: Any, key: jax.Array):
+    """Fresh particles of every group of `estimator` (a gradient worker's)."""
+    return estimator.init(key, theta)
+
+
+@jit(donate_argnames=("est_state",))
+def estimate_step(estimator, est_state, theta: Any, key: jax.Array):
+    """The estimate half alone (a gradient worker's): the flat meta-gradient, the new
+    particles and the window's metrics. `est_state` is donated."""
+    grad, est_state, metrics = estimator.estimate(est_state, theta, key)
+    return ravel_pytree(grad)[0], est_state, metrics
+
+
+@jit()
+def combine_group_estimates(per_pairs, stats):
+    """`combine_estimates` of groups estimated separately, jitted (a worker's last step)."""
+    return combine_estimates(per_pairs, stats)
+
+
+@jit(static_argnames=("outer_opt",), donate_argnames=("state",))
+def apply_gradient(state: LearnerState, grad: jax.Array, metrics: dict, outer_opt):
+    """The apply half alone (the gradient server's): a flat meta-gradient, averaged over
+    the step's estimates, into θ. `state` (holding no particles) is donated; its key
+    advances as `outer_step`'s does, so one worker reproduces the in-process run."""
+    key, _ = jax.random.split(state.key)
+    return _apply(state, grad, state.est_state, key, metrics, outer_opt)
+
+
 @jit(donate_argnames=("group_state",))
 def estimate_group(estimator, group_state, theta: Any, key: jax.Array, group: jax.Array):
     """The estimate half for one group (a one-group `estimator`): jitted once per template,
@@ -129,39 +166,47 @@ def estimate_group(estimator, group_state, theta: Any, key: jax.Array, group: ja
     return estimator.estimate_per_pair(group_state, theta, key, group)
 
 
-@jit(static_argnames=("outer_opt",), donate_argnames=("state",))
-def apply_estimates(state: LearnerState, per_pairs, stats, key, outer_opt):
-    """The apply half for groups estimated separately: combine, sanitise, clip, update.
-    `state` (without its estimator state) is donated; one compilation for every mix of
-    templates (the estimates' shapes do not depend on the tasks)."""
-    grad, metrics = combine_estimates(per_pairs, stats)
-    return _apply(state, grad, (), key, metrics, outer_opt)
-
-
-def grouped_outer_step(estimators, state: LearnerState, outer_opt) -> tuple[LearnerState, dict]:
-    """`outer_step` with each group in its own jitted call (`estimate_group`), so a group
-    can change template without recompiling the others; the same numbers as `outer_step`
-    over one estimator holding all the groups.
+def grouped_estimate(estimators, est_state, theta: Any, key: jax.Array):
+    """The estimate half with each group in its own jitted call (`estimate_group`), so a
+    group can change template without recompiling the others.
 
     Args:
       estimators: one one-group estimator per group (group g's template).
-      state: the learner state (`est_state` holds every group); consumed.
-      outer_opt: the outer optimizer.
+      est_state: every group's particles; consumed.
+      theta: meta-parameters.
+      key: the estimate's key (as `estimate_step`'s).
 
     Returns:
-      The new learner state and the step's metrics.
+      The flat meta-gradient, the new particles and the window's metrics: the numbers of
+      `estimate_step` over one estimator holding all the groups, to float32 rounding.
     """
-    key, k_est = jax.random.split(state.key)
     per_pairs, stats, groups = [], [], []
     one_at_a_time = serialize_collectives()
     for g, est in enumerate(estimators):
         per_pair, group_state, group_stats = estimate_group(
-            est, state.est_state.group(g), state.theta, k_est, jnp.int32(g)
+            est, est_state.group(g), theta, key, jnp.int32(g)
         )
         if one_at_a_time:  # see `serialize_collectives`: the groups share no data
             jax.block_until_ready(per_pair)
         per_pairs.append(per_pair)
         stats.append(group_stats)
         groups.append(group_state)
-    new, metrics = apply_estimates(state.replace(est_state=()), per_pairs, stats, key, outer_opt)
-    return new.replace(est_state=EstimatorState.join(groups)), metrics
+    grad, metrics = combine_group_estimates(per_pairs, stats)
+    return grad, EstimatorState.join(groups), metrics
+
+
+def grouped_outer_step(estimators, state: LearnerState, outer_opt) -> tuple[LearnerState, dict]:
+    """`outer_step` with each group in its own jitted call (`grouped_estimate`), then
+    `apply_gradient`.
+
+    Args:
+      estimators: one one-group estimator per group (group g's template).
+      state: the learner state; consumed.
+      outer_opt: the outer optimizer.
+
+    Returns:
+      The new learner state and the step's metrics.
+    """
+    k_est = jax.random.split(state.key)[1]
+    grad, est_state, metrics = grouped_estimate(estimators, state.est_state, state.theta, k_est)
+    return apply_gradient(state.replace(est_state=est_state), grad, metrics, outer_opt)

@@ -17,6 +17,7 @@ a config that differs from the checkpoint's, ...) end with one message and exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -38,9 +39,10 @@ from meta_train.checkpoint import (
     write_best,
 )
 from meta_train.cli import run_cli
-from meta_train.config import Config, ConfigError, load_config, save_config
+from meta_train.config import Config, ConfigError, ServerConfig, load_config, save_config
 from meta_train.devices import use_cpu_cores
 from meta_train.logging import ProgressBar, RunLogger
+from meta_train.server import GradientServer, uses_server
 from meta_train.validation import Guard, build_validator, make_guard
 
 
@@ -99,13 +101,33 @@ def check_run_folder(out_dir: str | Path, resume: Resume) -> int | None:
     return steps[-1] if steps else None
 
 
-def _restore(run: Run, ckpt: Checkpointer, step: int):
-    """Restores a learner state after checking the saved config is compatible."""
-    check_compatible(ckpt.read_config(step), run.config.to_dict())
+def _restore(run: Run, ckpt: Checkpointer, step: int, server: bool):
+    """Restores a learner state after checking the saved config is compatible.
+
+    A checkpoint of the fused in-process step holds the particles, one of the gradient
+    server does not (workers own them): either resumes either way, the particles dropped
+    (server) or started afresh from the restored θ (fused).
+    """
+    saved = ckpt.read_config(step)
+    check_compatible(saved, run.config.to_dict())
     abstract = run.abstract_state(step)
+    saved_server = {**dataclasses.asdict(ServerConfig()), **saved.get("server", {})}
+    has_particles = not uses_server(
+        dataclasses.replace(
+            run.config, server=ServerConfig(**{k: saved_server[k] for k in ("backend", "workers")})
+        )
+    )
+    if not has_particles:
+        abstract = abstract.replace(est_state=())
     # The abstract state carries this process's placement: arrays restore already sharded.
     theta, rest, _ = ckpt.restore(abstract.theta, abstract.replace(theta=()), step)
-    return rest.replace(theta=theta)
+    state = rest.replace(theta=theta)
+    if server:
+        return run.place_server(state.replace(est_state=()))
+    if not has_particles:
+        k_particles = jax.random.fold_in(run.worker_keys(0)[0], step)
+        state = state.replace(est_state=run.init_particles(state.theta, k_particles))
+    return state
 
 
 class _Validation:
@@ -234,12 +256,15 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
     latest = check_run_folder(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(str(out / "checkpoints"), max_to_keep=cfg.run.max_to_keep)
+    server = None
     try:
+        if uses_server(cfg):
+            server = GradientServer(run)
         if latest is not None:
-            state = _restore(run, ckpt, latest)
+            state = _restore(run, ckpt, latest, server is not None)
             print(f"resumed from outer step {int(state.step)}", file=stream or sys.stderr)
         else:
-            state = run.init_state()
+            state = run.init_server_state() if server else run.init_state()
         save_config(cfg, out / "config.json")
         logger = RunLogger(
             str(out),
@@ -251,10 +276,12 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
         )
     except BaseException:
         ckpt.close()
+        if server is not None:
+            server.close()
         raise
     start, total = int(state.step), m.outer_steps
     bar = ProgressBar(total, initial=start, stream=stream)
-    inner_per_outer = m.inner_steps_per_outer_step
+    inner_per_outer = m.inner_steps_per_outer_step * (server.per_step if server else 1)
     metrics: dict = {}
     failed = True
     try:
@@ -269,8 +296,15 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                     ckpt.save(0, state.theta, state.replace(theta=()), cfg.to_dict())
                 validation.mark()
         t_log, logged_at = time.perf_counter(), start
+        last_saved = latest or 0
         for step in range(start, total):
-            state, metrics = run.outer_step(state, step)
+            if server is None:
+                state, metrics = run.outer_step(state, step)
+            else:
+                state, metrics = server.step(state, step)
+                for event in server.events():
+                    bar.write(f"server @ {step}: {event}")
+                    logger.alert("gradient worker replaced", event)
             done = step + 1
             if step == start:  # the first call compiled: keep it out of the throughput
                 jax.block_until_ready(metrics)
@@ -287,14 +321,19 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                         (done - logged_at) * inner_per_outer / max(now - t_log, 1e-9)
                     )
                 t_log, logged_at = now, done
+                # Checkpoint events: the dashboard draws the last saved step as a staircase.
+                metrics["checkpoint/last_saved_step"] = float(last_saved)
                 logger.log(done, metrics)
-                bar.update(
-                    done - bar.n,
-                    meta_loss=metrics["meta_loss"],
-                    est_var=metrics["estimate_variance"],
-                    grad_cos=metrics["grad_cosine"],
-                    reset_frac=metrics["reset_fraction"],
-                )
+                fields = {
+                    "meta_loss": metrics["meta_loss"],
+                    "est_var": metrics["estimate_variance"],
+                    "grad_cos": metrics["grad_cosine"],
+                    "reset_frac": metrics["reset_fraction"],
+                    "inner_steps_per_s": metrics.get("inner_steps_per_s", float("nan")),
+                }
+                if server is not None:
+                    fields["workers_alive"] = metrics["server/workers_alive"]
+                bar.update(done - bar.n, **fields)
             validated = validation is not None and (done % cfg.valid.every == 0 or done == total)
             best = stop = False
             if validated:
@@ -304,6 +343,7 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
                 t_log += validation.last_seconds  # validation is not training throughput
             if best or stop or done % cfg.run.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state.theta, state.replace(theta=()), cfg.to_dict())
+                last_saved = done
             if validated:
                 validation.mark()  # after the save: the marked step is always on disk
             if stop:
@@ -312,6 +352,8 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
             logger.summary(validation.summary())
         failed = False
     finally:
+        if server is not None:
+            server.close()
         bar.close()
         logger.finish(exit_code=1 if failed else None)  # a failed run shows as such in wandb
         ckpt.close()

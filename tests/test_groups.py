@@ -82,9 +82,9 @@ def _mixed_run(out_dir, *extra):
 @pytest.mark.slow  # ~40 s; CI runs it after the default suite
 def test_mixed_run_visits_every_kind_within_the_compile_bound_and_resumes_exactly(tmp_path):
     from meta_train.build import _init_group  # noqa: PLC0415
-    from meta_train.learner import apply_estimates, estimate_group  # noqa: PLC0415
+    from meta_train.learner import apply_gradient, estimate_group  # noqa: PLC0415
 
-    before = {f: f._cache_size() for f in (estimate_group, _init_group, apply_estimates)}
+    before = {f: f._cache_size() for f in (estimate_group, _init_group, apply_gradient)}
     run = _mixed_run(tmp_path / "a", "meta.outer_steps=6")
     assert [t.kind for t in run.family.templates] == ["mlp", "conv", "lm", "lm"]
     state, metrics = meta_train(run)
@@ -96,7 +96,7 @@ def test_mixed_run_visits_every_kind_within_the_compile_bound_and_resumes_exactl
     # template, one outer update for every mix (this test's runs add nothing new later).
     grew = {f.__name__: f._cache_size() - n for f, n in before.items()}
     assert grew["estimate_group"] <= T and grew["_init_group"] <= T
-    assert grew["apply_estimates"] <= 1
+    assert grew["apply_gradient"] <= 1
     assert metrics["templates_visited"] == T and np.isfinite(metrics["meta_loss"])
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.theta))
 

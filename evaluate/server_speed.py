@@ -1,0 +1,237 @@
+"""Gradient-server throughput: in-process against Ray with 1 and 2 workers, equal work.
+
+    python -m evaluate.server_speed [--outer-steps 40] [--warmup 3] [--rounds 1]
+                                    [--config F] [--json F] [section.key=value ...]
+
+Meta-trains the same config (default: `configs/default.toml` with fixed templates and no
+meta-validation, so nothing but estimates and updates is timed) in four ways, each in a
+fresh process of its own session:
+
+- `in-process, 1 core`: today's fused step, the process pinned to one core (one device);
+- `ray, 1 worker`: the gradient server with one Ray worker pinned to a core, synchronous;
+- `ray, 2 workers, sync` and `ray, 2 workers, async` (one estimate per update): two
+  workers, each pinned to its own core.
+
+Every way computes the same number of estimates (`--outer-steps` of them, so the 2-worker
+synchronous run takes half as many outer steps, each averaging two), after `--warmup`
+untimed outer steps that compile. Reports inner steps per wall-second and per CPU-second
+(CPU time of every process of the run's session: learner, workers and Ray's own daemons),
+the ratio to the in-process run, and whether the targets hold: 2 pinned workers ≥ 1.7× the
+single-core in-process wall throughput, and Ray with 1 worker at most 10 % slower than
+in-process. Figures drift by up to 2× between hours on shared machines; compare ratios
+within one run (`--rounds` alternates the ways).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WAYS = {  # name: (what the table calls it, config overrides)
+    "in_process": ("in-process, 1 core", []),
+    "ray1": ("ray, 1 worker", ["server.backend='ray'"]),
+    "ray2_sync": ("ray, 2 workers, sync", ["server.backend='ray'", "server.workers=2"]),
+    "ray2_async": (
+        "ray, 2 workers, async",
+        ["server.backend='ray'", "server.workers=2", "server.mode='async'"],
+    ),
+}
+BASE = ["meta.switch_every=0", "valid.every=0", "run.wandb_mode='disabled'"]
+TARGET_TWO_WORKERS = 1.7  # × the in-process wall throughput
+TARGET_RAY_OVERHEAD = 0.10
+
+
+def _session_cpu_seconds(sid: int) -> float:
+    """User + system CPU seconds of the live processes of session `sid`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list[str]) -> dict:
+    """Runs one way in this process and returns its figures."""
+    fused = way == "in_process"
+    if fused:  # one core, one device: the single-core reference
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from meta_train.devices import use_cpu_cores  # noqa: PLC0415
+
+    use_cpu_cores()
+    import jax  # noqa: PLC0415
+
+    from meta_train.build import build_run  # noqa: PLC0415
+    from meta_train.config import load_config  # noqa: PLC0415
+    from meta_train.server import GradientServer  # noqa: PLC0415
+
+    cfg = load_config(config, [*overrides, *BASE, *WAYS[way][1]])
+    run = build_run(cfg)
+    per_step = 1 if fused else GradientServer.estimates_per_step(cfg.server)
+    steps = max(outer_steps // per_step, 1)
+    server = None
+    try:
+        if fused:
+            state, step_fn = run.init_state(), run.outer_step
+        else:
+            server = GradientServer(run)
+            state, step_fn = run.init_server_state(), server.step
+        for i in range(warmup):
+            state, metrics = step_fn(state, i)
+        jax.block_until_ready(state.theta)
+        sid = os.getsid(0)
+        c0, t0 = _session_cpu_seconds(sid), time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            state, metrics = step_fn(state, i)
+        jax.block_until_ready(state.theta)
+        wall, cpu = time.perf_counter() - t0, _session_cpu_seconds(sid) - c0
+        dropped = float(metrics.get("server/dropped_stale_total", 0.0)) if server else 0.0
+    finally:
+        if server is not None:
+            server.close()
+    inner = steps * per_step * cfg.meta.inner_steps_per_outer_step
+    return {
+        "way": way,
+        "outer_steps": steps,
+        "estimates": steps * per_step,
+        "inner_steps": inner,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "per_wall_s": inner / wall,
+        "per_cpu_s": inner / cpu if cpu > 0 else float("nan"),
+        "dropped": dropped,
+        "meta_loss": float(metrics["meta_loss"]),
+    }
+
+
+def measure(
+    outer_steps: int = 40,
+    warmup: int = 3,
+    rounds: int = 1,
+    config: str = "configs/default.toml",
+    overrides: list[str] | None = None,
+    ways: list[str] | None = None,
+) -> dict:
+    """Runs every way `rounds` times, alternating, each in a fresh process and session.
+
+    Returns:
+      {'runs': every child's figures, 'table': a markdown table of medians, 'targets': ...}.
+    """
+    ways = ways or list(WAYS)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", WANDB_MODE="disabled")
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # each way picks its own devices
+    runs = []
+    for _ in range(rounds):
+        for way in ways:
+            cmd = [
+                sys.executable,
+                "-m",
+                "evaluate.server_speed",
+                "--child",
+                way,
+                "--outer-steps",
+                str(outer_steps),
+                "--warmup",
+                str(warmup),
+                "--config",
+                config,
+                *(overrides or []),
+            ]
+            out = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, start_new_session=True
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"{way} failed:\n{out.stderr[-3000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return summarise(runs)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians per way, ratios to the in-process run and the targets."""
+    by_way: dict[str, list[dict]] = {}
+    for r in runs:
+        by_way.setdefault(r["way"], []).append(r)
+    med = {
+        w: {k: statistics.median(r[k] for r in rs) for k in ("per_wall_s", "per_cpu_s")}
+        for w, rs in by_way.items()
+    }
+    ref = med.get("in_process", {}).get("per_wall_s")
+    lines = [
+        "| way | estimates | inner steps / wall-s | inner steps / CPU-s | wall vs in-process |",
+        "|---|---|---|---|---|",
+    ]
+    for w, m in med.items():
+        ratio = f"{m['per_wall_s'] / ref:.2f}×" if ref else "—"
+        lines.append(
+            f"| {WAYS[w][0]} | {by_way[w][0]['estimates']} | {m['per_wall_s']:,.0f} | "
+            f"{m['per_cpu_s']:,.0f} | {ratio} |"
+        )
+    targets = {}
+    if ref:
+        two = [med[w]["per_wall_s"] / ref for w in med if w.startswith("ray2")]
+        if two:
+            targets["two_workers_speedup"] = max(two)
+            targets["two_workers_holds"] = max(two) >= TARGET_TWO_WORKERS
+        if "ray1" in med:
+            overhead = 1 - med["ray1"]["per_wall_s"] / ref
+            targets["ray_one_worker_overhead"] = overhead
+            targets["ray_one_worker_holds"] = overhead <= TARGET_RAY_OVERHEAD
+    return {"runs": runs, "table": "\n".join(lines), "targets": targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate.server_speed", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--outer-steps", type=int, default=40, help="estimates timed per way")
+    p.add_argument("--warmup", type=int, default=3, help="untimed outer steps first")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every way")
+    p.add_argument("--config", default="configs/default.toml")
+    p.add_argument("--ways", default=",".join(WAYS), help="comma-separated ways to run")
+    p.add_argument("--json", default=None, help="also write every figure here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides: section.key=value")
+    args = p.parse_intermixed_args(argv)
+    if args.outer_steps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--outer-steps, --warmup and --rounds must be >= 1")
+    if args.child:
+        result = _child(args.child, args.outer_steps, args.warmup, args.config, args.overrides)
+        print(json.dumps(result))
+        return 0
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = [w for w in ways if w not in WAYS]
+    if unknown:
+        p.error(f"unknown ways {unknown}; known: {list(WAYS)}")
+    result = measure(args.outer_steps, args.warmup, args.rounds, args.config, args.overrides, ways)
+    print(result["table"])
+    t = result["targets"]
+    if "two_workers_speedup" in t:
+        print(
+            f"\n2 pinned workers: {t['two_workers_speedup']:.2f}× the single-core in-process "
+            f"wall throughput (target ≥ {TARGET_TWO_WORKERS}×: "
+            f"{'holds' if t['two_workers_holds'] else 'does NOT hold'})"
+        )
+    if "ray_one_worker_overhead" in t:
+        print(
+            f"Ray with 1 worker: {t['ray_one_worker_overhead']:+.1%} slower than in-process "
+            f"(target ≤ {TARGET_RAY_OVERHEAD:.0%}: "
+            f"{'holds' if t['ray_one_worker_holds'] else 'does NOT hold'})"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
