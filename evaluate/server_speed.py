@@ -8,6 +8,8 @@ meta-validation, so nothing but estimates and updates is timed) in four ways, ea
 fresh process of its own session:
 
 - `in-process, 1 core`: today's fused step, the process pinned to one core (one device);
+- `in-process, every core`: the same on every core, one JAX device per core and the pairs
+  sharded across them (the default job's setting; not in the default `--ways`);
 - `ray, 1 worker`: the gradient server with one Ray worker pinned to a core, synchronous;
 - `ray, 2 workers, sync` and `ray, 2 workers, async` (one estimate per update): two
   workers, each pinned to its own core.
@@ -36,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WAYS = {  # name: (what the table calls it, config overrides)
     "in_process": ("in-process, 1 core", []),
+    "in_process_all": ("in-process, every core (a device each)", []),
     "ray1": ("ray, 1 worker", ["server.backend='ray'"]),
     "ray2_sync": ("ray, 2 workers, sync", ["server.backend='ray'", "server.workers=2"]),
     "ray2_async": (
@@ -64,8 +67,8 @@ def _session_cpu_seconds(sid: int) -> float:
 
 def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list[str]) -> dict:
     """Runs one way in this process and returns its figures."""
-    fused = way == "in_process"
-    if fused:  # one core, one device: the single-core reference
+    fused = way.startswith("in_process")
+    if way == "in_process":  # one core, one device: the single-core reference
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from meta_train.devices import use_cpu_cores  # noqa: PLC0415
 
@@ -198,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed outer steps first")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every way")
     p.add_argument("--config", default="configs/default.toml")
-    p.add_argument("--ways", default=",".join(WAYS), help="comma-separated ways to run")
+    p.add_argument(
+        "--ways",
+        default="in_process,ray1,ray2_sync,ray2_async",
+        help=f"comma-separated ways to run, of {', '.join(WAYS)}",
+    )
     p.add_argument("--json", default=None, help="also write every figure here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides: section.key=value")

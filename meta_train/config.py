@@ -535,7 +535,9 @@ class ServerConfig:
         existing cluster ('auto', 'ray://host:10001', ...).
       pin_cores: pin worker i of a Ray backend to core i % cores of its machine (one JAX
         CPU device each), so workers do not fight over cores.
-      worker_timeout_s: a worker silent for this long is declared lost and replaced.
+      worker_timeout_s: a Ray worker whose estimate takes longer than this is declared lost
+        and replaced (its first estimate, which loads datasets and compiles, gets at least
+        `meta_train.server.STARTUP_GRACE_S`).
     """
 
     backend: str = "in_process"

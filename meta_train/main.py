@@ -42,7 +42,7 @@ from meta_train.cli import run_cli
 from meta_train.config import Config, ConfigError, ServerConfig, load_config, save_config
 from meta_train.devices import use_cpu_cores
 from meta_train.logging import ProgressBar, RunLogger
-from meta_train.server import GradientServer, uses_server
+from meta_train.server import GradientServer, start_ray, uses_server
 from meta_train.validation import Guard, build_validator, make_guard
 
 
@@ -383,6 +383,18 @@ def _main(args: argparse.Namespace) -> int:
     config: Config = load_config(args.config, args.overrides)
     # Cheap checks first: a wrong folder fails before the datasets load.
     check_run_folder(config.run.out_dir, args.resume)
+    # Ray forks its daemons: start it before JAX starts threads (the workers connect later).
+    ray_started = config.server.backend == "ray" and start_ray(config)
+    try:
+        return _train_and_evaluate(config, args)
+    finally:
+        if ray_started:
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()
+
+
+def _train_and_evaluate(config: Config, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run = build_run(config)
     state, _ = meta_train(run, resume=args.resume)

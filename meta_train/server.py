@@ -188,6 +188,33 @@ class InProcessWorkers:
         self._queue.clear()
 
 
+STARTUP_GRACE_S = 300.0
+
+
+def start_ray(config: Config) -> bool:
+    """Connects to Ray as `[server]` says, unless this process already is; True when it
+    connected now (it then shuts Ray down when done).
+
+    `meta_train.main` calls it before JAX starts: Ray forks its daemons, and forking a
+    process whose JAX threads run is unsafe.
+    """
+    import ray  # noqa: PLC0415 - only the Ray backend needs it
+
+    if ray.is_initialized():
+        return False
+    s = config.server
+    if s.ray_address:
+        ray.init(address=s.ray_address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray token locally
+        ray.init(
+            num_cpus=max(s.workers, len(os.sched_getaffinity(0))),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return True
+
+
 class RayWorkers:
     """Gradient workers as Ray actors, one CPU each (pinned to a core when asked).
 
@@ -200,22 +227,13 @@ class RayWorkers:
 
         self._ray = ray
         s = config.server
-        self._started_ray = not ray.is_initialized()
-        if self._started_ray:
-            if s.ray_address:
-                ray.init(address=s.ray_address, log_to_driver=False)
-            else:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray token locally
-                ray.init(
-                    num_cpus=max(num_workers, len(os.sched_getaffinity(0))),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                )
+        self._started_ray = start_ray(config)
         self._config = config.to_dict()
         self._pin = s.pin_cores
         self._timeout = s.worker_timeout_s
         self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(GradientWorker)
         self.incarnations = [0] * num_workers
+        self._answered = [False] * num_workers  # has this incarnation sent an estimate?
         self.actors = [self._spawn(i) for i in range(num_workers)]
         self._inflight: dict[Any, _Job] = {}
         self.restarts = self.lost = 0
@@ -245,30 +263,41 @@ class RayWorkers:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.incarnations[i] += 1
+        self._answered[i] = False
         self.restarts += 1
         self.lost += 1
         self.actors[i] = self._spawn(i)
         self.start(i, job.theta, job.version)
         self.events.append(f"worker {i} {why}; replaced (incarnation {self.incarnations[i]})")
 
+    def _deadline(self, job: _Job) -> float:
+        # A worker's first estimate also loads its datasets and compiles: it gets at least
+        # STARTUP_GRACE_S before it counts as silent.
+        fresh = not self._answered[job.worker]
+        return job.started + (max(self._timeout, STARTUP_GRACE_S) if fresh else self._timeout)
+
     def next(self) -> Estimate:
         ray = self._ray
         while True:
-            refs = list(self._inflight)
-            if not refs:
+            if not self._inflight:
                 raise RuntimeError("no estimate in flight: start workers first")
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self._timeout)
-            if not ready:  # the oldest job's worker is silent: declare it lost
-                ref = min(refs, key=lambda r: self._inflight[r].started)
-                job = self._inflight.pop(ref)
-                self._replace(job, f"silent for {self._timeout:g} s")
+            first = min(self._inflight, key=lambda r: self._deadline(self._inflight[r]))
+            wait = max(self._deadline(self._inflight[first]) - time.perf_counter(), 0.0)
+            ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=wait)
+            if not ready:  # that job's worker is silent past its deadline: declare it lost
+                job = self._inflight.pop(first)
+                secs = time.perf_counter() - job.started
+                self._replace(job, f"silent for {secs:.0f} s")
                 continue
             ref = ready[0]
             job = self._inflight.pop(ref)
             try:
-                return ray.get(ref)
+                est = ray.get(ref)
             except ray.exceptions.RayActorError:
                 self._replace(job, "died")
+                continue
+            self._answered[job.worker] = True
+            return est
 
     def alive(self) -> int:
         """Workers in service (a lost one is replaced at once, so all unless Ray could not

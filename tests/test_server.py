@@ -316,3 +316,91 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path):
     while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_pid_alive(p) for p in pids), "worker processes left running"
+
+
+WORKER_SCRIPT = """
+import json, sys
+import jax
+from jax.flatten_util import ravel_pytree
+from meta_train.build import build_run
+from meta_train.config import load_config
+from meta_train.server import GradientWorker, flat_theta
+run = build_run(load_config(None, json.loads(sys.argv[1])))
+worker = GradientWorker(run.config, 0, run=run)
+theta = flat_theta(run.init_server_state().theta)
+estimates = [worker.estimate(theta, v) for v in range(2)]
+devices = {len(x.sharding.device_set) for x in jax.tree.leaves(worker._particles.particles)}
+print(json.dumps({"devices": len(jax.devices()), "particle_devices": sorted(devices),
+                  "grads": [e.grad.tolist() for e in estimates]}))
+"""
+
+
+def _worker_run(flags: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER_SCRIPT, json.dumps([*TINY, "meta.num_pairs=4"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # two subprocesses (~25 s)
+def test_a_worker_spreads_its_particles_over_every_local_device():
+    two = _worker_run("--xla_force_host_platform_device_count=2")
+    one = _worker_run("")
+    assert two["devices"] == 2 and two["particle_devices"] == [2]
+    assert one["devices"] == 1 and one["particle_devices"] == [1]
+    # The same estimates: only the order of the sums over pairs differs (float32 round-off).
+    for a, b in zip(two["grads"], one["grads"], strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
+def test_theta_is_published_once_per_version_whatever_the_workers(tmp_path):
+    run = build_run(_config(tmp_path, "server.workers=3"))
+    workers = InProcessWorkers(run, 3)
+    calls = []
+    publish = workers.publish
+    workers.publish = lambda theta, version: calls.append(version) or publish(theta, version)
+    server = GradientServer(run, workers)
+    state = run.init_server_state()
+    for step in range(2):
+        state, metrics = server.step(state, step)
+    assert calls == [0, 1] and metrics["server/estimates"] == 3
+
+
+@pytest.mark.slow  # starts Ray with two workers, freezes one for its timeout (~40 s)
+def test_a_silent_ray_worker_is_declared_lost_and_replaced(tmp_path):
+    import ray  # noqa: PLC0415
+
+    run = build_run(
+        _config(tmp_path, "server.backend='ray'", "server.workers=2", "server.worker_timeout_s=8")
+    )
+    server = GradientServer(run)
+    frozen = None
+    try:
+        state = run.init_server_state()
+        state, _ = server.step(state, 0)  # both workers have answered: the timeout applies
+        frozen = ray.get(server.workers.actors[1].pid.remote())
+        os.kill(frozen, signal.SIGSTOP)  # alive but silent, as a hung or swapped-out host
+        t0 = time.monotonic()
+        state, metrics = server.step(state, 1)
+        assert 8 <= time.monotonic() - t0 < 120
+        assert metrics["server/worker_restarts"] == 1 and metrics["server/lost_estimates"] == 1
+        assert any("silent" in e for e in server.events())
+        state, metrics = server.step(state, 2)
+        assert int(state.step) == 3 and metrics["server/staleness_0"] == 6
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.close()
+    assert not ray.is_initialized()
