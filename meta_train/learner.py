@@ -209,4 +209,7 @@ def grouped_outer_step(estimators, state: LearnerState, outer_opt) -> tuple[Lear
     """
     k_est = jax.random.split(state.key)[1]
     grad, est_state, metrics = grouped_estimate(estimators, state.est_state, state.theta, k_est)
-    return apply_gradient(state.replace(est_state=est_state), grad, metrics, outer_opt)
+    # Without the particles: their shapes change with the groups' templates, and the update
+    # must compile once for every mix.
+    new, metrics = apply_gradient(state.replace(est_state=()), grad, metrics, outer_opt)
+    return new.replace(est_state=est_state), metrics
