@@ -36,6 +36,37 @@ def nnx_state(hidden: int = 16):
 MODEL_TREES = [flax_params, haiku_params, nnx_state]
 
 
+def perturbed(theta, scale: float, seed: int = 1):
+    """θ with every entry moved by scale · N(0, 1), so every part of θ matters."""
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def perturbed_theta(lopt, seed: int = 0, scale: float = 0.3):
+    """Fresh meta-parameters of `lopt` (key `seed`) with every entry perturbed (biases and
+    output layers start at zero): a θ that looks trained."""
+    return perturbed(lopt.init_meta(jax.random.PRNGKey(seed)), scale, seed + 1)
+
+
+def assert_masked_entries_keep_state(updates, new_state, state, zero_state, mask) -> None:
+    """Non-finite gradient entries (`mask`, per key of a dict of params, in sorted order as
+    the state's leaves are) get zero updates and keep the old momenta and rms; every other
+    entry gets a non-zero finite update and the state a gradient with zeros there gives."""
+    for i, k in enumerate(sorted(mask)):  # dict leaves come out in sorted key order
+        assert np.all(np.isfinite(updates[k]))
+        assert np.all(updates[k][mask[k]] == 0.0)
+        assert np.all(updates[k][~mask[k]] != 0.0)
+        for new, old, zero in (
+            (new_state.rms[i], state.rms[i], zero_state.rms[i]),
+            (new_state.momenta[i], state.momenta[i], zero_state.momenta[i]),
+        ):
+            new, old, zero = (np.asarray(x) for x in (new, old, zero))
+            np.testing.assert_array_equal(new[..., mask[k]], old[..., mask[k]])
+            np.testing.assert_array_equal(new[..., ~mask[k]], zero[..., ~mask[k]])
+
+
 def reference_network_update(lopt, theta, columns, step: int, num_steps: int) -> np.ndarray:
     """The documented per-parameter update from one tensor's raw feature columns.
 

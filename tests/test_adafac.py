@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from lopt_cases import EPS, MODEL_TREES, TANH_SCALES, reference_network_update
+from lopt_cases import EPS, MODEL_TREES, TANH_SCALES, perturbed_theta, reference_network_update
 
 import lopt.adafac as adafac
 from lopt.adafac import AdaFacLOpt, AdaFacLOptState, matrix_shape
@@ -43,15 +43,6 @@ def test_meta_parameter_count_matches_the_formula_and_the_docstring():
     )
     assert _count(other.init_meta(jax.random.PRNGKey(0))) == other.num_meta_params
     assert other.num_meta_params == _expected_count(32, 3, 1, 2)
-
-
-def _perturbed_theta(lopt, seed=0):
-    """Meta-parameters with every entry perturbed (biases start at zero)."""
-    theta = lopt.init_meta(jax.random.PRNGKey(seed))
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _reference_update(lopt, theta, p, g, m, r, c, step, num_steps):
@@ -120,7 +111,7 @@ def test_updates_match_an_independent_float64_reference(lopt, num_steps, block, 
     # tiles: the [5, 4] matrix in 2-row tiles (the last overlapping), the [2, 20] one in
     # single rows split into 7-column pieces, the conv kernel ([12, 4]) in 2-row tiles.
     monkeypatch.setattr(adafac, "_BLOCK", block)
-    theta = _perturbed_theta(lopt)
+    theta = perturbed_theta(lopt)
     rng = np.random.default_rng(0)
     opt = lopt.optimizer(theta)
     update = jax.jit(opt.update)
@@ -225,7 +216,7 @@ def test_fresh_optimizer_takes_small_finite_steps_on_nested_pytrees(make_params)
 def test_bfloat16_params_get_the_float32_update_cast_once():
     dtype = jnp.bfloat16
     lopt = AdaFacLOpt()
-    opt = lopt.optimizer(_perturbed_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     rng = np.random.default_rng(0)
     p32 = {"kernel": rng.normal(size=(32, 40)).astype(np.float32), "bias": np.zeros(40, np.float32)}
     g32 = {k: (300.0 * rng.normal(size=v.shape)).astype(np.float32) for k, v in p32.items()}
@@ -249,7 +240,7 @@ def test_bfloat16_params_get_the_float32_update_cast_once():
 @pytest.mark.parametrize("rows", [6, 1000])
 def test_zero_tiny_and_huge_gradients_give_finite_updates_and_state(rows):
     lopt = AdaFacLOpt()
-    opt = lopt.optimizer(_perturbed_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     params = {"w": jnp.linspace(-1.0, 1.0, rows * 10).reshape(rows, 10), "b": jnp.ones(10)}
     update = jax.jit(opt.update)
     waves = [
@@ -271,7 +262,7 @@ def test_zero_tiny_and_huge_gradients_give_finite_updates_and_state(rows):
 
 def test_non_finite_entries_get_zero_update_and_stay_out_of_the_state():
     lopt = AdaFacLOpt()
-    opt = lopt.optimizer(_perturbed_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     rng = np.random.default_rng(1)
     params = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
     good = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
@@ -330,7 +321,7 @@ def test_float0_integer_and_empty_leaves_pass_through():
 @pytest.mark.parametrize("rows", [6, 1000], ids=["one-matmul", "blocked"])
 def test_jit_vmap_over_theta_and_determinism(rows):
     lopt = AdaFacLOpt()
-    thetas = [_perturbed_theta(lopt, seed) for seed in range(3)]
+    thetas = [perturbed_theta(lopt, seed) for seed in range(3)]
     batched = jax.tree.map(lambda *x: jnp.stack(x), *thetas)
     params = {"w": jnp.linspace(-1, 1, rows * 12).reshape(rows, 12), "b": jnp.zeros(12)}
     grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size) * 0.1).reshape(p.shape), params)
@@ -365,7 +356,7 @@ def test_blocking_does_not_change_the_update(monkeypatch):
         {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)
     ]
     lopt = AdaFacLOpt()
-    theta = _perturbed_theta(lopt)
+    theta = perturbed_theta(lopt)
 
     def run():
         opt = lopt.optimizer(theta)
@@ -385,7 +376,7 @@ def test_blocking_does_not_change_the_update(monkeypatch):
 
 def test_works_through_as_optax_in_a_chain():
     lopt = AdaFacLOpt()
-    theta = _perturbed_theta(lopt)
+    theta = perturbed_theta(lopt)
     tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, theta, num_steps=50))
     params = {"w": jnp.linspace(-1, 1, 20).reshape(4, 5), "b": jnp.zeros(5)}
 

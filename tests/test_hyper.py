@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from lopt_cases import MODEL_TREES, TANH_SCALES
+from lopt_cases import MODEL_TREES, TANH_SCALES, perturbed
 
 from lopt.export import as_optax
 from lopt.hyper import LearnedAdamLOpt, LearnedScheduleLOpt, OptaxScheduleLOpt
@@ -30,14 +30,6 @@ def _mlp_count(n_in, hidden, layers, n_out):
 
 def _size(tree):
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def _perturbed(theta, scale, seed=1):
-    """θ with every entry moved by scale · N(0, 1) (the output layer starts at zero)."""
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _reading_frac(lopt, output, weight):
@@ -199,7 +191,7 @@ def test_learned_adam_matches_an_independent_float64_reference(lopt):
     # Every meta-parameter perturbed: all four hyperparameters vary over steps and tensors.
     # The reference keeps the products Π β in float64 and corrects with 1 - Π β. The
     # horizon is 4 of the 7 steps, so the 1/t decay past it is checked as well.
-    theta = _perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.5)
+    theta = perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.5)
     num_steps, shapes = 4, list(SHAPES.values())  # dict leaves flatten in key order
     opt = lopt.optimizer(theta)
     update = jax.jit(opt.update)
@@ -315,7 +307,7 @@ def test_per_tensor_gives_a_matrix_and_a_vector_different_hyperparameters():
     grads = {"b": np.ones(4, np.float32), "w": np.ones((6, 4), np.float32)}
     for per_tensor in (True, False):
         lopt = LearnedAdamLOpt(per_tensor=per_tensor)
-        theta = _perturbed(lopt.init_meta(jax.random.PRNGKey(5)), 0.5)
+        theta = perturbed(lopt.init_meta(jax.random.PRNGKey(5)), 0.5)
         hp = lopt.hyperparameters(theta, shapes, 3, 100)
         if per_tensor:
             for name, values in hp.items():
@@ -339,7 +331,7 @@ def test_huge_theta_keeps_hyperparameters_in_bounds_and_updates_finite(scale):
     # 1e30 overflows the network (inf - inf = NaN in its last layer): NaN outputs fall
     # back to the defaults, infinite ones to the bounds.
     lopt = LearnedAdamLOpt(per_tensor=True)
-    theta = _perturbed(lopt.init_meta(jax.random.PRNGKey(0)), scale)
+    theta = perturbed(lopt.init_meta(jax.random.PRNGKey(0)), scale)
     opt = lopt.optimizer(theta)
     params = _params()
     state = opt.init(params, 20)
@@ -489,7 +481,7 @@ def test_nested_pytrees_with_integer_and_low_precision_leaves(lopt, make_params)
         "net": net,
         "extra": [jnp.ones((2, 2), jnp.bfloat16), {"count": jnp.int32(5)}],
     }
-    theta = _perturbed(lopt.init_meta(jax.random.PRNGKey(1)), 0.3)
+    theta = perturbed(lopt.init_meta(jax.random.PRNGKey(1)), 0.3)
     opt = lopt.optimizer(theta)
     state = opt.init(params, 50)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
@@ -512,7 +504,7 @@ def test_nested_pytrees_with_integer_and_low_precision_leaves(lopt, make_params)
 @pytest.mark.parametrize("lopt", OPTIMIZERS, ids=IDS)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_params_get_the_float32_update_cast_once(lopt, dtype):
-    opt = lopt.optimizer(_perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3))
+    opt = lopt.optimizer(perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3))
     low = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
     up32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
     p, grads = low(_params()), [low(g) for g in _grad_stream(2)]
@@ -539,7 +531,7 @@ def _per_param_state(lopt, state):
 
 @pytest.mark.parametrize("lopt", OPTIMIZERS, ids=IDS)
 def test_non_finite_gradient_entries_get_zero_update_and_stay_out_of_the_state(lopt):
-    opt = lopt.optimizer(_perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3))
+    opt = lopt.optimizer(perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3))
     params = _params()
     first, second = _grad_stream(2)
     state = opt.init(params, 50)
@@ -581,7 +573,7 @@ def test_trees_without_float_leaves_pass_through(lopt, params):
 @pytest.mark.parametrize("lopt", OPTIMIZERS, ids=IDS)
 def test_jit_vmap_over_theta_and_determinism(lopt):
     base = lopt.init_meta(jax.random.PRNGKey(0))
-    thetas = [_perturbed(base, 0.5, seed=s) for s in range(3)]
+    thetas = [perturbed(base, 0.5, seed=s) for s in range(3)]
     batch = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
     params = _params()
     grads = _grad_stream(2)
@@ -646,7 +638,7 @@ def test_through_as_optax_in_a_chain(lopt, reference, rtol):
 def test_cosine_schedule_and_past_horizon_decay_scale_the_learning_rate(lopt):
     # Same θ and state: the cosine variant's update is the constant one times the schedule
     # (1, 0.5(1 + final) halfway, final at the horizon and after it, times 1/t past it).
-    theta = _perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3)
+    theta = perturbed(lopt.init_meta(jax.random.PRNGKey(0)), 0.3)
     const = lopt.optimizer(theta)
     cos = dataclasses.replace(lopt, step_schedule="cosine", step_schedule_final=0.1)
     cos = cos.optimizer(theta)

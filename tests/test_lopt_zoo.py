@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from lopt_cases import perturbed_theta
 
 from lopt.export import as_optax, load_optax
 from lopt.registry import LOPTS, make_lopt
@@ -21,15 +22,6 @@ from meta_train.checkpoint import Checkpointer
 from meta_train.config import Config, LOptConfig
 
 KINDS = sorted(LOPTS)
-
-
-def _theta(lopt, seed=0):
-    """Meta-parameters with every entry perturbed, so every part of θ matters."""
-    theta = lopt.init_meta(jax.random.PRNGKey(seed))
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _linen_params():
@@ -77,7 +69,7 @@ def _grads_like(params, scale, seed=0):
 def test_any_pytree_gets_updates_of_its_shapes_and_dtypes(kind, tree):
     lopt = make_lopt(kind)
     params = _with_counter(TREES[tree]())
-    opt = lopt.optimizer(_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt, scale=0.1))
     state = opt.init(params, 50)
     updates, state = jax.jit(opt.update)(_grads_like(params, 1.0), state, params, 1.0)
     flat_p = jax.tree.leaves(params)
@@ -96,7 +88,7 @@ def test_any_pytree_gets_updates_of_its_shapes_and_dtypes(kind, tree):
 def test_zero_tiny_and_huge_gradients_give_finite_updates_and_state(kind, scale):
     lopt = make_lopt(kind)
     params = _linen_params()
-    opt = lopt.optimizer(_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt, scale=0.1))
     state = opt.init(params, 20)
     update = jax.jit(opt.update)
     for step in range(3):
@@ -111,7 +103,7 @@ def test_zero_tiny_and_huge_gradients_give_finite_updates_and_state(kind, scale)
 @pytest.mark.parametrize("kind", KINDS)
 def test_vmap_over_particles_matches_one_by_one_and_is_deterministic(kind):
     lopt = make_lopt(kind)
-    thetas = [_theta(lopt, seed) for seed in (0, 10)]
+    thetas = [perturbed_theta(lopt, seed, scale=0.1) for seed in (0, 10)]
     params = _haiku_params()
     grads = [_grads_like(params, 1.0, seed) for seed in (3, 4)]
     losses = jnp.asarray([1.0, 2.0])
@@ -138,7 +130,7 @@ def test_state_can_be_donated_as_training_loops_do(kind):
     # Two state leaves sharing one buffer make XLA refuse a donated state.
     lopt = make_lopt(kind)
     params = _linen_params()
-    opt = lopt.optimizer(_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt, scale=0.1))
     state = opt.init(params, 10)
     step = jax.jit(lambda g, s, p: opt.update(g, s, p, jnp.float32(1.0)), donate_argnums=1)
     for _ in range(2):
@@ -162,7 +154,8 @@ def test_a_state_of_other_params_fails_clearly(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_composes_in_chain_and_rejects_a_missing_loss(kind):
     lopt = make_lopt(kind)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, _theta(lopt), 10))
+    theta = perturbed_theta(lopt, scale=0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, theta, 10))
     params = _nnx_state()
     state = tx.init(params)
     update = jax.jit(lambda g, s, p, loss: tx.update(g, s, p, loss=loss))
@@ -176,7 +169,7 @@ def test_export_composes_in_chain_and_rejects_a_missing_loss(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_checkpoint_of_every_kind_loads_with_load_optax(kind, tmp_path):
     lopt = make_lopt(kind)
-    theta = _theta(lopt)
+    theta = perturbed_theta(lopt, scale=0.1)
     config = Config(lopt=LOptConfig(kind))
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(3, theta, {"step": jnp.int32(3)}, config.to_dict())

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from lopt_cases import EPS, MODEL_TREES, TANH_SCALES, reference_network_update
+from lopt_cases import (
+    EPS,
+    MODEL_TREES,
+    TANH_SCALES,
+    assert_masked_entries_keep_state,
+    perturbed_theta,
+    reference_network_update,
+)
 
 from lopt.mlp_lopt import MLPLOpt
 from lopt.registry import make_lopt
@@ -171,7 +178,7 @@ def test_without_feature_norm_the_update_depends_on_the_gradient_scale():
     # The comparison switch: raw features, so scaling the gradient moves the update by O(1).
     params = {"w": jnp.linspace(-1, 1, 20).reshape(4, 5)}
     lopt = MLPLOpt(feature_norm=False)
-    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     g = {"w": (1.5 + jnp.sin(jnp.arange(20.0))).reshape(4, 5)}
     s = opt.init(params, 50)
     u1 = np.asarray(opt.update(g, s, params, 1.0)[0]["w"])
@@ -191,7 +198,7 @@ def _tree_and_grads():
 
 def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_reference():
     params, grads = _tree_and_grads()
-    theta = _trained_looking_theta(MLPLOpt())
+    theta = perturbed_theta(MLPLOpt())
     plain = MLPLOpt().optimizer(theta)
     scaled = MLPLOpt(width_scaling="fan_in", width_ref=32.0).optimizer(theta)
     s = plain.init(params, 100)
@@ -204,7 +211,7 @@ def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_refere
 
 def test_schedule_head_starts_at_one_and_learns_bounded_per_tensor_multipliers():
     params, grads = _tree_and_grads()
-    base = _trained_looking_theta(MLPLOpt())
+    base = perturbed_theta(MLPLOpt())
     lopt = MLPLOpt(schedule_head=8)
     theta = lopt.init_meta(jax.random.PRNGKey(0))
     assert set(theta) == set(base) | {"schedule_head"}
@@ -239,21 +246,12 @@ def test_registry_rejects_unknown_kind_and_option():
     assert make_lopt("mlp", hidden_size=8).hidden_size == 8
 
 
-def _trained_looking_theta(lopt, seed=0):
-    """Meta-parameters with every entry perturbed (biases start at zero)."""
-    theta = lopt.init_meta(jax.random.PRNGKey(seed))
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_params_get_the_float32_update_cast_once(dtype):
     # The issue's case: a 32×40 kernel in float16 got NaN updates in 583 of 1,280 entries,
     # because the squared gradients and the normalisation ran in float16.
     lopt = MLPLOpt()
-    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     rng = np.random.default_rng(0)
     p32 = {"kernel": rng.normal(size=(32, 40)).astype(np.float32), "bias": np.zeros(40, np.float32)}
     g32 = {k: (300.0 * rng.normal(size=v.shape)).astype(np.float32) for k, v in p32.items()}
@@ -276,7 +274,7 @@ def test_low_precision_params_get_the_float32_update_cast_once(dtype):
 def test_huge_gradients_give_finite_updates_and_state(scale):
     # g² overflows float32 beyond ~1.8e19 (the issue's 1e20-scaled gradients gave NaN).
     lopt = MLPLOpt()
-    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     params = {"w": jnp.linspace(-1.0, 1.0, 60).reshape(6, 10)}
     state = opt.init(params, 100)
     for i in range(3):
@@ -289,7 +287,7 @@ def test_huge_gradients_give_finite_updates_and_state(scale):
 
 def test_non_finite_gradient_entries_get_zero_update_and_stay_out_of_the_state():
     lopt = MLPLOpt()
-    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     rng = np.random.default_rng(1)
     params = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}]
@@ -303,18 +301,7 @@ def test_non_finite_gradient_entries_get_zero_update_and_stay_out_of_the_state()
     # gradient with zeros at the masked places gives, every masked entry the old state.
     zeroed = {k: np.where(mask[k], 0.0, v).astype(np.float32) for k, v in bad.items()}
     _, zero_state = opt.update(zeroed, state, params, jnp.float32(1.0))
-    keys = sorted(params)  # dict leaves come out in sorted key order
-    for i, k in enumerate(keys):
-        assert np.all(np.isfinite(updates[k]))
-        assert np.all(updates[k][mask[k]] == 0.0)
-        assert np.all(updates[k][~mask[k]] != 0.0)
-        for new, old, zero in (
-            (new_state.rms[i], state.rms[i], zero_state.rms[i]),
-            (new_state.momenta[i], state.momenta[i], zero_state.momenta[i]),
-        ):
-            new, old, zero = (np.asarray(x) for x in (new, old, zero))
-            np.testing.assert_array_equal(new[..., mask[k]], old[..., mask[k]])
-            np.testing.assert_array_equal(new[..., ~mask[k]], zero[..., ~mask[k]])
+    assert_masked_entries_keep_state(updates, new_state, state, zero_state, mask)
     # The optimizer recovers: later finite gradients give finite updates everywhere.
     updates, _ = opt.update(grads[0], new_state, params, jnp.float32(1.0))
     assert all(np.all(np.isfinite(u)) and np.all(u != 0) for u in jax.tree.leaves(updates))
@@ -350,7 +337,7 @@ def test_past_the_horizon_progress_saturates_and_the_update_anneals():
     # and the update is scaled by num_steps / step (before: the features extrapolated and
     # the shipped optimizer diverged).
     lopt = MLPLOpt()
-    opt = lopt.optimizer(_trained_looking_theta(lopt))
+    opt = lopt.optimizer(perturbed_theta(lopt))
     params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
     grads = {"w": jnp.cos(jnp.arange(12.0)).reshape(3, 4)}
     state = opt.init(params, 400)
@@ -380,7 +367,7 @@ def test_past_the_horizon_progress_saturates_and_the_update_anneals():
 def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays():
     # Same θ and state: the cosine optimizer's update is the constant one times the schedule,
     # 1 at step 0, 0.5(1 + final) halfway, `final` at the horizon and past it (times 1/t).
-    theta = _trained_looking_theta(MLPLOpt())
+    theta = perturbed_theta(MLPLOpt())
     const = MLPLOpt().optimizer(theta)
     cos = MLPLOpt(step_schedule="cosine", step_schedule_final=0.1).optimizer(theta)
     params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
