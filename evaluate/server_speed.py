@@ -81,7 +81,7 @@ def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list
 
     cfg = load_config(config, [*overrides, *BASE, *WAYS[way][1]])
     run = build_run(cfg)
-    per_step = 1 if fused else GradientServer.estimates_per_step(cfg.server)
+    per_step = 1 if fused else cfg.server.estimates_per_step
     steps = max(outer_steps // per_step, 1)
     server = None
     try:

@@ -26,7 +26,6 @@ from meta_train.learner import (
     grouped_estimate,
     grouped_outer_step,
     init_learner,
-    init_particles,
     learner_keys,
     outer_optimizer,
 )
@@ -47,7 +46,9 @@ _WORKER_STREAM = 3
 
 @jit()
 def _init_group(estimator, theta, key: jax.Array, group: jax.Array):
-    """Fresh particles of one group (a one-group estimator): compiled once per template."""
+    """Fresh particles of `estimator`'s groups, numbered from `group` (traced): a one-group
+    estimator's after a template switch, compiled once per template, or a gradient worker's
+    of every group (`group` 0)."""
     return estimator.init(key, theta, group)
 
 
@@ -102,18 +103,16 @@ class Run:
         """The initial learner state, particles sharded across devices."""
         return self.place(self._initial_state())
 
-    def _initial_state(self, templates=None) -> LearnerState:
+    def _initial_state(self, templates=None, particles: bool = True) -> LearnerState:
         k_theta, k_learner = jax.random.split(self._key())
         theta = self.lopt.init_meta(k_theta)
         est = self.estimator if templates is None else self.estimator_for(templates)
-        return init_learner(est, theta, self.outer_opt, k_learner)
+        return init_learner(est if particles else None, theta, self.outer_opt, k_learner)
 
     def init_server_state(self) -> LearnerState:
         """The gradient server's initial learner state: the in-process run's θ and outer
         state, and no particles (workers own them)."""
-        k_theta, k_learner = jax.random.split(self._key())
-        theta = self.lopt.init_meta(k_theta)
-        return self.place_server(init_learner(None, theta, self.outer_opt, k_learner))
+        return self.place_server(self._initial_state(particles=False))
 
     @staticmethod
     def place_server(state: LearnerState) -> LearnerState:
@@ -134,7 +133,7 @@ class Run:
 
     def init_particles(self, theta, key: jax.Array):
         """Fresh particles of the groups' first templates, placed across devices."""
-        est = init_particles(self.estimator, theta, key)
+        est = _init_group(self.estimator, theta, key, jnp.int32(0))
         return jax.device_put(est, estimator_shardings(est, self._pairs_per_group))
 
     def estimate(self, est_state, theta, key: jax.Array, step: int):

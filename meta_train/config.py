@@ -554,7 +554,9 @@ class ServerConfig:
 
     @property
     def estimates_per_step(self) -> int:
-        return self.meta_batch or self.workers
+        """Estimates averaged per outer step: every worker's in sync mode, `meta_batch`
+        (0: one per worker) in async mode."""
+        return self.workers if self.mode == "sync" else self.meta_batch or self.workers
 
 
 @dataclasses.dataclass(frozen=True)

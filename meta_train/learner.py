@@ -130,12 +130,6 @@ def outer_step(estimator, state: LearnerState, outer_opt) -> tuple[LearnerState,
     return _apply(state, ravel_pytree(grad)[0], est_state, key, metrics, outer_opt)
 
 
-@jit()
-def init_particles(estimator, theta: Any, key: jax.Array):
-    """Fresh particles of every group of `estimator` (a gradient worker's)."""
-    return estimator.init(key, theta)
-
-
 @jit(donate_argnames=("est_state",))
 def estimate_step(estimator, est_state, theta: Any, key: jax.Array):
     """The estimate half alone (a gradient worker's): the flat meta-gradient, the new

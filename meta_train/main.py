@@ -17,7 +17,6 @@ a config that differs from the checkpoint's, ...) end with one message and exit 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -111,12 +110,8 @@ def _restore(run: Run, ckpt: Checkpointer, step: int, server: bool):
     saved = ckpt.read_config(step)
     check_compatible(saved, run.config.to_dict())
     abstract = run.abstract_state(step)
-    saved_server = {**dataclasses.asdict(ServerConfig()), **saved.get("server", {})}
-    has_particles = not uses_server(
-        dataclasses.replace(
-            run.config, server=ServerConfig(**{k: saved_server[k] for k in ("backend", "workers")})
-        )
-    )
+    # Runs from before the gradient server have no [server]: the fused step, with particles.
+    has_particles = not uses_server(ServerConfig(**saved.get("server", {})))
     if not has_particles:
         abstract = abstract.replace(est_state=())
     # The abstract state carries this process's placement: arrays restore already sharded.
@@ -258,7 +253,7 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
     ckpt = Checkpointer(str(out / "checkpoints"), max_to_keep=cfg.run.max_to_keep)
     server = None
     try:
-        if uses_server(cfg):
+        if uses_server(cfg.server):
             server = GradientServer(run)
         if latest is not None:
             state = _restore(run, ckpt, latest, server is not None)

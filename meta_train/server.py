@@ -37,7 +37,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from meta_train.build import Run, build_run
-from meta_train.config import Config, from_dict
+from meta_train.config import Config, ServerConfig, from_dict
 from meta_train.learner import LearnerState, apply_gradient
 
 
@@ -345,7 +345,7 @@ class GradientServer:
         s = run.config.server
         self.run, self.mode = run, s.mode
         self.max_staleness = s.max_staleness
-        self.per_step = self.estimates_per_step(s)
+        self.per_step = s.estimates_per_step
         if workers is None:
             if s.backend == "ray":
                 workers = RayWorkers(run.config, s.workers)
@@ -353,12 +353,6 @@ class GradientServer:
                 workers = InProcessWorkers(run, s.workers)
         self.workers = workers
         self.stats = ServerStats()
-
-    @staticmethod
-    def estimates_per_step(s) -> int:
-        """Estimates averaged per outer step: every worker's in sync mode, `meta_batch`
-        (0: one per worker) in async mode."""
-        return s.workers if s.mode == "sync" else s.estimates_per_step
 
     def step(self, state: LearnerState, step: int) -> tuple[LearnerState, dict]:
         """Outer step `step`: gathers estimates for θ version `step`, applies their mean.
@@ -393,7 +387,7 @@ class GradientServer:
                 self.workers.start(est.worker, theta, step)
         self.stats.dropped += dropped
         self.stats.applied += len(taken)
-        grad = np.mean([e.grad for e in taken], axis=0) if len(taken) > 1 else taken[0].grad
+        grad = np.mean([e.grad for e in taken], axis=0)  # of one: that one, exactly
         metrics = {k: np.mean([e.metrics[k] for e in taken]) for k in taken[0].metrics}
         # The estimates' metrics stay on the host: only the gradient goes to the device.
         state, update_metrics = apply_gradient(state, jnp.asarray(grad), {}, self.run.outer_opt)
@@ -429,7 +423,7 @@ class GradientServer:
         self.workers.close()
 
 
-def uses_server(config: Config) -> bool:
-    """Whether a run goes through the gradient server (else: the fused in-process step)."""
-    s = config.server
-    return s.backend != "in_process" or s.workers > 1
+def uses_server(server: ServerConfig) -> bool:
+    """Whether a run with these `[server]` settings goes through the gradient server (else:
+    the fused in-process step, whose checkpoints hold the particles)."""
+    return server.backend != "in_process" or server.workers > 1

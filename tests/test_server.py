@@ -33,9 +33,16 @@ def _flat(tree):
 
 
 def test_server_settings_are_checked_and_say_which_path_runs():
-    assert not uses_server(load_config(None, []))  # the default: the fused in-process step
-    assert uses_server(load_config(None, ["server.workers=2"]))
-    assert uses_server(load_config(None, ["server.backend='ray'"]))
+    assert not uses_server(load_config(None, []).server)  # the default: the fused in-process step
+    assert uses_server(load_config(None, ["server.workers=2"]).server)
+    assert uses_server(load_config(None, ["server.backend='ray'"]).server)
+    # Sync averages every worker's estimate; async `meta_batch` of them (0: one per worker).
+    sync = load_config(None, ["server.workers=3", "server.meta_batch=1"]).server
+    assert sync.estimates_per_step == 3
+    asy = load_config(None, ["server.workers=3", "server.mode='async'", "server.meta_batch=1"])
+    assert asy.server.estimates_per_step == 1
+    every = load_config(None, ["server.workers=3", "server.mode='async'"])
+    assert every.server.estimates_per_step == 3
     for bad, key in [
         ("server.backend='mpi'", "server.backend"),
         ("server.workers=0", "server.workers"),
