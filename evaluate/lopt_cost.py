@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lopt.common import EPS, moment_features
+
 # Update-time targets relative to Adam (issue 11); kinds not listed have none.
 TARGETS = {"mlp": 3.0, "adafac": 3.0, "hierarchical": 4.0}
 
@@ -80,8 +82,9 @@ def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
       rms_decay: decay of the mean of squared gradients.
 
     Returns:
-      A transformation whose state is the MLP's (momenta [K, *shape] and rms per leaf) and
-      whose update is `-1e-3 * momentum(0.9)`, so nothing it computes is dead code.
+      A transformation whose state is the MLP's (momenta [K, *shape] and rms per leaf),
+      advanced by `lopt.common.moment_features` as the MLP advances it, and whose update is
+      `-1e-3 * momentum(0.9) / sqrt(rms)`, so the accumulators are not dead code.
     """
     d = jnp.asarray(decays, jnp.float32)
 
@@ -94,10 +97,9 @@ def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
         del params, extra
 
         def leaf(g, s):
-            m, v = s
-            m = d.reshape((-1,) + (1,) * g.ndim) * m + (1 - d.reshape((-1,) + (1,) * g.ndim)) * g
-            v = rms_decay * v + (1 - rms_decay) * jnp.square(g)
-            return -1e-3 * m[1] * jax.lax.rsqrt(v + 1e-8), (m, v)
+            # The MLP's own accumulator update (its feature rows go unused: XLA drops them).
+            acc = moment_features(g, g, jnp.isfinite(g), *s, d, rms_decay)
+            return -1e-3 * acc.momenta[1] * jax.lax.rsqrt(acc.rms + EPS), (acc.momenta, acc.rms)
 
         leaves, treedef = jax.tree.flatten(grads)
         out = [leaf(g, s) for g, s in zip(leaves, treedef.flatten_up_to(state), strict=True)]
