@@ -1,27 +1,32 @@
 """Gradient-server throughput: in-process against Ray with 1 and 2 workers, equal work.
 
-    python -m evaluate.server_speed [--outer-steps 40] [--warmup 3] [--rounds 1]
-                                    [--config F] [--json F] [section.key=value ...]
+    python -m evaluate.server_speed [--outer-steps 300] [--warmup 3] [--rounds 3]
+                                    [--ways W,...] [--config F] [--json F]
+                                    [section.key=value ...]
 
 Meta-trains the same config (default: `configs/default.toml` with fixed templates and no
-meta-validation, so nothing but estimates and updates is timed) in four ways, each in a
+meta-validation, so nothing but estimates and updates is timed) in several ways, each in a
 fresh process of its own session:
 
-- `in-process, 1 core`: today's fused step, the process pinned to one core (one device);
-- `in-process, every core`: the same on every core, one JAX device per core and the pairs
-  sharded across them (the default job's setting; not in the default `--ways`);
-- `ray, 1 worker`: the gradient server with one Ray worker pinned to a core, synchronous;
-- `ray, 2 workers, sync` and `ray, 2 workers, async` (one estimate per update): two
-  workers, each pinned to its own core.
+- `in_process`: today's fused step, the process pinned to one core (one device): the
+  reference;
+- `in_process_all`: the same on every core, one JAX device per core and the pairs sharded
+  across them (the default job's setting; not in the default `--ways`);
+- `ray1`: the gradient server with one Ray worker pinned to a core, synchronous (the
+  worker waits for every update and θ's round trip);
+- `ray1_queued`: one worker, asynchronous with `queue_depth=2` (its next estimate is queued
+  while the learner updates, so it never waits; estimates one version stale);
+- `ray2_sync`, `ray2_async`, `ray2_queued`: two workers, each pinned to its own core;
+  synchronous, asynchronous (meta-batch 2) and asynchronous with `queue_depth=2`.
 
-Every way computes the same number of estimates (`--outer-steps` of them, so the 2-worker
-synchronous run takes half as many outer steps, each averaging two), after `--warmup`
-untimed outer steps that compile. Reports inner steps per wall-second and per CPU-second
-(CPU time of every process of the run's session: learner, workers and Ray's own daemons),
-the ratio to the in-process run, and whether the targets hold: 2 pinned workers ≥ 1.7× the
-single-core in-process wall throughput, and Ray with 1 worker at most 10 % slower than
-in-process. Figures drift by up to 2× between hours on shared machines; compare ratios
-within one run (`--rounds` alternates the ways).
+Every way computes the same number of estimates (`--outer-steps` of them, so a 2-worker
+run takes half as many outer steps, each averaging two), after `--warmup` untimed outer
+steps that compile. Reports inner steps per wall-second and per CPU-second (CPU time of
+every process of the run's session: learner, workers and Ray's own daemons, also shown
+separately), the ratio to the in-process run, and whether the targets hold: 2 pinned
+workers ≥ 1.7× the single-core in-process wall throughput, and Ray with 1 worker at most
+10 % slower than in-process. Figures drift by up to 2× between hours on shared machines;
+compare ratios within one run (`--rounds` alternates the ways; medians are reported).
 """
 
 from __future__ import annotations
@@ -39,30 +44,50 @@ ROOT = Path(__file__).resolve().parents[1]
 WAYS = {  # name: (what the table calls it, config overrides)
     "in_process": ("in-process, 1 core", []),
     "in_process_all": ("in-process, every core (a device each)", []),
-    "ray1": ("ray, 1 worker", ["server.backend='ray'"]),
+    "ray1": ("ray, 1 worker, sync", ["server.backend='ray'"]),
+    "ray1_queued": (
+        "ray, 1 worker, async, 2 queued",
+        ["server.backend='ray'", "server.mode='async'", "server.queue_depth=2"],
+    ),
     "ray2_sync": ("ray, 2 workers, sync", ["server.backend='ray'", "server.workers=2"]),
     "ray2_async": (
         "ray, 2 workers, async",
         ["server.backend='ray'", "server.workers=2", "server.mode='async'"],
     ),
+    "ray2_queued": (
+        "ray, 2 workers, async, 2 queued",
+        ["server.backend='ray'", "server.workers=2", "server.mode='async'", "server.queue_depth=2"],
+    ),
 }
+DEFAULT_WAYS = "in_process,ray1,ray1_queued,ray2_sync,ray2_queued"
 BASE = ["meta.switch_every=0", "valid.every=0", "run.wandb_mode='disabled'"]
 TARGET_TWO_WORKERS = 1.7  # × the in-process wall throughput
 TARGET_RAY_OVERHEAD = 0.10
 
 
-def _session_cpu_seconds(sid: int) -> float:
-    """User + system CPU seconds of the live processes of session `sid`."""
+def _session_cpu(sid: int) -> dict[str, float]:
+    """User + system CPU seconds of the live processes of session `sid`, by 'pid name'."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            raw = stat.read_text()
+        except OSError:
             continue
-        if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        name, fields = raw[raw.find("(") + 1 : raw.rfind(")")], raw.rsplit(")", 1)[1].split()
+        if len(fields) > 12 and int(fields[3]) == sid:
+            out[f"{stat.parent.name} {name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per process between two `_session_cpu` readings, by process name
+    (processes that ended in between are not counted)."""
+    spent: dict[str, float] = {}
+    for proc, cpu in after.items():
+        name = proc.split(" ", 1)[1]
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(proc, 0.0)
+    return spent
 
 
 def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list[str]) -> dict:
@@ -94,11 +119,12 @@ def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list
             state, metrics = step_fn(state, i)
         jax.block_until_ready(state.theta)
         sid = os.getsid(0)
-        c0, t0 = _session_cpu_seconds(sid), time.perf_counter()
+        c0, t0 = _session_cpu(sid), time.perf_counter()
         for i in range(warmup, warmup + steps):
             state, metrics = step_fn(state, i)
         jax.block_until_ready(state.theta)
-        wall, cpu = time.perf_counter() - t0, _session_cpu_seconds(sid) - c0
+        wall, by_process = time.perf_counter() - t0, _cpu_spent(c0, _session_cpu(sid))
+        cpu = sum(by_process.values())
         dropped = float(metrics.get("server/dropped_stale_total", 0.0)) if server else 0.0
     finally:
         if server is not None:
@@ -114,14 +140,15 @@ def _child(way: str, outer_steps: int, warmup: int, config: str, overrides: list
         "per_wall_s": inner / wall,
         "per_cpu_s": inner / cpu if cpu > 0 else float("nan"),
         "dropped": dropped,
+        "cpu_by_process": by_process,
         "meta_loss": float(metrics["meta_loss"]),
     }
 
 
 def measure(
-    outer_steps: int = 40,
+    outer_steps: int = 300,
     warmup: int = 3,
-    rounds: int = 1,
+    rounds: int = 3,
     config: str = "configs/default.toml",
     overrides: list[str] | None = None,
     ways: list[str] | None = None,
@@ -160,50 +187,94 @@ def measure(
     return summarise(runs)
 
 
+def _role(process: str) -> str:
+    """Which part of a run a process (by name) is: learner, workers or Ray's daemons."""
+    if process.startswith("ray::GradientWo"):
+        return "workers"
+    if process == "python":  # the benchmark's child: the learner (or the fused run)
+        return "learner"
+    return "ray daemons"
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Medians per way, ratios to the in-process run and the targets."""
+    """Medians per way, per-round ratios to the in-process run of the same round, and the
+    targets.
+
+    Args:
+      runs: every child's figures, in the order they ran (`--rounds` rounds of the ways).
+
+    Returns:
+      {'runs', 'table' (markdown), 'cpu_table' (CPU seconds by role, medians), 'targets':
+      {'two_workers_speedup', 'two_workers_holds', 'one_worker_overhead': {way: overhead},
+      'one_worker_holds'} (the keys whose ways ran)}.
+    """
     by_way: dict[str, list[dict]] = {}
     for r in runs:
         by_way.setdefault(r["way"], []).append(r)
-    med = {
-        w: {k: statistics.median(r[k] for r in rs) for k in ("per_wall_s", "per_cpu_s")}
+    med = {w: statistics.median(r["per_wall_s"] for r in rs) for w, rs in by_way.items()}
+    ref_runs = by_way.get("in_process", [])
+    # Ratios within a round: run k of a way against run k of the reference.
+    ratios = {
+        w: [r["per_wall_s"] / ref["per_wall_s"] for r, ref in zip(rs, ref_runs, strict=False)]
         for w, rs in by_way.items()
     }
-    ref = med.get("in_process", {}).get("per_wall_s")
     lines = [
-        "| way | estimates | inner steps / wall-s | inner steps / CPU-s | wall vs in-process |",
+        "| way | estimates | inner steps / wall-s | inner steps / CPU-s | wall vs in-process "
+        "(range over rounds) |",
         "|---|---|---|---|---|",
     ]
-    for w, m in med.items():
-        ratio = f"{m['per_wall_s'] / ref:.2f}×" if ref else "—"
+    cpu_lines = [
+        "| way | learner (in-process: the whole run) | workers | Ray's daemons | wall-s |",
+        "|---|---|---|---|---|",
+    ]
+    for w, rs in by_way.items():
+        per_cpu = statistics.median(r["per_cpu_s"] for r in rs)
+        rat = ratios[w]
+        shown = f"{statistics.median(rat):.2f}× ({min(rat):.2f}–{max(rat):.2f})" if rat else "—"
         lines.append(
-            f"| {WAYS[w][0]} | {by_way[w][0]['estimates']} | {m['per_wall_s']:,.0f} | "
-            f"{m['per_cpu_s']:,.0f} | {ratio} |"
+            f"| {WAYS[w][0]} | {rs[0]['estimates']} | {med[w]:,.0f} | {per_cpu:,.0f} | {shown} |"
         )
-    targets = {}
-    if ref:
-        two = [med[w]["per_wall_s"] / ref for w in med if w.startswith("ray2")]
-        if two:
-            targets["two_workers_speedup"] = max(two)
-            targets["two_workers_holds"] = max(two) >= TARGET_TWO_WORKERS
-        if "ray1" in med:
-            overhead = 1 - med["ray1"]["per_wall_s"] / ref
-            targets["ray_one_worker_overhead"] = overhead
-            targets["ray_one_worker_holds"] = overhead <= TARGET_RAY_OVERHEAD
-    return {"runs": runs, "table": "\n".join(lines), "targets": targets}
+        roles = {"learner": [], "workers": [], "ray daemons": []}
+        for r in rs:
+            spent = dict.fromkeys(roles, 0.0)
+            for proc, secs in r.get("cpu_by_process", {}).items():
+                spent[_role(proc)] += secs
+            for k, v in spent.items():
+                roles[k].append(v)
+        wall = statistics.median(r["wall_s"] for r in rs)
+        cpu_lines.append(
+            f"| {WAYS[w][0]} | "
+            + " | ".join(f"{statistics.median(v):.2f}" for v in roles.values())
+            + f" | {wall:.2f} |"
+        )
+    targets: dict = {}
+    two = {w: statistics.median(ratios[w]) for w in ratios if w.startswith("ray2") and ratios[w]}
+    if two:
+        targets["two_workers_speedup"] = max(two.values())
+        targets["two_workers_holds"] = max(two.values()) >= TARGET_TWO_WORKERS
+    one = {w: 1 - statistics.median(r) for w, r in ratios.items() if w.startswith("ray1") and r}
+    if one:
+        targets["one_worker_overhead"] = one
+        targets["one_worker_holds"] = min(one.values()) <= TARGET_RAY_OVERHEAD
+    return {
+        "runs": runs,
+        "table": "\n".join(lines),
+        "cpu_table": "\n".join(cpu_lines),
+        "targets": targets,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m evaluate.server_speed", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--outer-steps", type=int, default=40, help="estimates timed per way")
+    p.add_argument("--outer-steps", type=int, default=300, help="estimates timed per way")
     p.add_argument("--warmup", type=int, default=3, help="untimed outer steps first")
-    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every way")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every way")
     p.add_argument("--config", default="configs/default.toml")
     p.add_argument(
         "--ways",
-        default="in_process,ray1,ray2_sync,ray2_async",
+        default=DEFAULT_WAYS,
         help=f"comma-separated ways to run, of {', '.join(WAYS)}",
     )
     p.add_argument("--json", default=None, help="also write every figure here")
@@ -222,18 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown ways {unknown}; known: {list(WAYS)}")
     result = measure(args.outer_steps, args.warmup, args.rounds, args.config, args.overrides, ways)
     print(result["table"])
+    print("\nCPU seconds of the timed part, by role (medians):\n")
+    print(result["cpu_table"])
     t = result["targets"]
     if "two_workers_speedup" in t:
         print(
             f"\n2 pinned workers: {t['two_workers_speedup']:.2f}× the single-core in-process "
-            f"wall throughput (target ≥ {TARGET_TWO_WORKERS}×: "
+            f"wall throughput, best way's median (target ≥ {TARGET_TWO_WORKERS}×: "
             f"{'holds' if t['two_workers_holds'] else 'does NOT hold'})"
         )
-    if "ray_one_worker_overhead" in t:
+    for w, overhead in t.get("one_worker_overhead", {}).items():
         print(
-            f"Ray with 1 worker: {t['ray_one_worker_overhead']:+.1%} slower than in-process "
+            f"{WAYS[w][0]}: {overhead:+.1%} slower than in-process "
             f"(target ≤ {TARGET_RAY_OVERHEAD:.0%}: "
-            f"{'holds' if t['ray_one_worker_holds'] else 'does NOT hold'})"
+            f"{'holds' if overhead <= TARGET_RAY_OVERHEAD else 'does NOT hold'})"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -23,11 +23,13 @@ from meta_train.learner import (
     LearnerState,
     estimate_group,
     estimate_step,
+    flat_estimate_step,
     grouped_estimate,
     grouped_outer_step,
     init_learner,
     learner_keys,
     outer_optimizer,
+    pack_metrics,
 )
 from meta_train.learner import outer_step as fused_outer_step
 from meta_train.lopt_problem import LOptProblem
@@ -152,6 +154,21 @@ class Run:
             est_state = self._switch_group(est_state, theta, g, templates[g], step)
         estimators = [self.group_estimator(t) for t in templates]
         return grouped_estimate(estimators, est_state, theta, key)
+
+    def estimate_flat(self, est_state, flat_theta, unravel, key: jax.Array, step: int):
+        """`estimate` as a gradient worker calls it: θ flat (`unravel` rebuilds it) and the
+        worker's key chain `key`, split here. One jitted call when no group switches.
+
+        Returns:
+          The flat meta-gradient, the new particles, the window's metrics (`PackedMetrics`:
+          one copy to the host) and the next key.
+        """
+        if not self.switching:
+            return flat_estimate_step(self.estimator, unravel, est_state, flat_theta, key)
+        key, sub = jax.random.split(key)
+        theta = jax.jit(unravel)(flat_theta)  # one dispatch, not one per leaf
+        grad, est_state, metrics = self.estimate(est_state, theta, sub, step)
+        return grad, est_state, pack_metrics(metrics), key
 
     def abstract_state(self, done: int = 0) -> LearnerState:
         """Shapes, dtypes and placement of the learner state after `done` outer steps

@@ -261,6 +261,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "ray_address": ANY_STR,
         "pin_cores": Rule("true or false", lambda v: isinstance(v, bool)),
         "worker_timeout_s": Rule("a finite number > 0", lambda v: _finite(v) and v > 0),
+        "queue_depth": int_at_least(1),
     },
 }
 """What every config key may hold, per section: the one place for per-key rules."""
@@ -538,6 +539,11 @@ class ServerConfig:
       worker_timeout_s: a Ray worker whose estimate takes longer than this is declared lost
         and replaced (its first estimate, which loads datasets and compiles, gets at least
         `meta_train.server.STARTUP_GRACE_S`).
+      queue_depth: estimates queued per worker (async mode only). 1: a worker that sends an
+        estimate waits for the learner's next θ before it starts again (it idles for the
+        round trip and the update). 2: its next estimate is already queued, so it starts at
+        once, on the θ that estimate was queued with (one version older): the round trip is
+        hidden, and estimates are about one version staler.
     """
 
     backend: str = "in_process"
@@ -548,9 +554,15 @@ class ServerConfig:
     ray_address: str = ""
     pin_cores: bool = True
     worker_timeout_s: float = 600.0
+    queue_depth: int = 1
 
     def __post_init__(self):
         check_section("server", self)
+        if self.queue_depth > 1 and self.mode != "async":
+            raise ConfigError(
+                f"server.queue_depth={self.queue_depth} needs server.mode='async': a "
+                "synchronous step waits for every worker's estimate of the newest θ"
+            )
 
     @property
     def estimates_per_step(self) -> int:

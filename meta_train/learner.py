@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
@@ -136,6 +137,37 @@ def estimate_step(estimator, est_state, theta: Any, key: jax.Array):
     particles and the window's metrics. `est_state` is donated."""
     grad, est_state, metrics = estimator.estimate(est_state, theta, key)
     return ravel_pytree(grad)[0], est_state, metrics
+
+
+class PackedMetrics(struct.PyTreeNode):
+    """Scalar metrics as one float32 vector, so they reach the host in one copy; their names
+    travel in the pytree structure, not as data."""
+
+    values: jax.Array
+    names: tuple[str, ...] = struct.field(pytree_node=False)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, np.asarray(self.values, np.float64).tolist(), strict=True))
+
+
+@jit()
+def pack_metrics(metrics: dict) -> PackedMetrics:
+    names = tuple(sorted(metrics))
+    return PackedMetrics(jnp.stack([jnp.float32(metrics[k]) for k in names]), names)
+
+
+@jit(static_argnames=("unravel",), donate_argnames=("est_state",))
+def flat_estimate_step(estimator, unravel, est_state, flat_theta: jax.Array, key: jax.Array):
+    """`estimate_step` as a gradient worker calls it, in one dispatch: θ arrives flat (as
+    the learner publishes it) and the worker's key chain advances inside.
+
+    Returns:
+      The flat meta-gradient, the new particles, the window's metrics (`PackedMetrics`) and
+      the next call's key (the one this estimate used is its split).
+    """
+    key, sub = jax.random.split(key)
+    grad, est_state, metrics = estimate_step(estimator, est_state, unravel(flat_theta), sub)
+    return grad, est_state, pack_metrics(metrics), key
 
 
 @jit()

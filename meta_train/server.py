@@ -6,8 +6,10 @@ and returns meta-gradient estimates tagged with the θ version they used. One ou
 
 1. the learner publishes θ as version v (= outer steps done): once into Ray's object
    store, whatever the number of workers;
-2. idle workers start an estimate of the newest θ; a worker only ever sends back the flat
-   meta-gradient, its window's metrics and its timing, never particles;
+2. idle workers start an estimate of the newest θ (with `queue_depth=2`, async only, every
+   worker keeps a second one queued behind it, so it never waits for the learner); a worker
+   only ever sends back the flat meta-gradient, its window's metrics and its timing, never
+   particles;
 3. the learner takes estimates as they finish: in 'sync' mode one from every worker, all of
    version v; in 'async' mode the first `meta_batch` whose staleness (v minus their
    version) is at most `max_staleness`, dropping (and counting) older ones, while workers
@@ -15,8 +17,8 @@ and returns meta-gradient estimates tagged with the θ version they used. One ou
 4. it averages them and applies the outer optimizer (`meta_train.learner.apply_gradient`).
 
 A worker that dies (SIGKILL, a lost node) or stays silent past `worker_timeout_s` is
-replaced by a fresh one with new particles; the estimate it owed is logged as lost and its
-job handed to the replacement, so the run keeps advancing.
+replaced by a fresh one with new particles; the estimates it owed (running and queued)
+are logged as lost and their jobs handed to the replacement, so the run keeps advancing.
 
 With the in-process backend and one worker, `meta_train.main` fuses both halves into one
 jitted call per step instead (`Run.outer_step`); it is the same algorithm, and
@@ -32,7 +34,6 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -112,24 +113,25 @@ class GradientWorker:
         self._particles = None
         self._count = 0  # estimates made: the clock of the groups' template schedule
         self._inner = self.run.config.meta.inner_steps_per_outer_step
-        # θ travels flat (one buffer); its structure is the learned optimizer's.
-        # (jitted: one dispatch instead of a slice and a reshape per leaf)
-        self._unravel = jax.jit(ravel_pytree(self.run.lopt.init_meta(jax.random.PRNGKey(0)))[1])
+        # θ travels flat (one buffer); its structure is the learned optimizer's. The same
+        # structure gives an equal `unravel`, so workers of one process share compilations.
+        self._unravel = ravel_pytree(self.run.lopt.init_meta(jax.random.PRNGKey(0)))[1]
 
     def estimate(self, theta: Any, version: int) -> Estimate:
         """One estimate of the meta-gradient at `theta` (version `version`)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        theta = self._unravel(jnp.asarray(theta))
         if self._particles is None:  # particles need θ: they start with a burn-in under it
-            self._particles = self.run.init_particles(theta, self._k_particles)
-        self._key, key = jax.random.split(self._key)
-        grad, self._particles, metrics = self.run.estimate(self._particles, theta, key, self._count)
+            theta_tree = jax.jit(self._unravel)(theta)  # one dispatch, not one per leaf
+            self._particles = self.run.init_particles(theta_tree, self._k_particles)
+        grad, self._particles, metrics, self._key = self.run.estimate_flat(
+            self._particles, theta, self._unravel, self._key, self._count
+        )
         first = self._count == 0
         self._count += 1
         grad, metrics = jax.device_get((grad, metrics))
         return Estimate(
             np.asarray(grad),
-            {k: float(v) for k, v in metrics.items()},
+            metrics.as_dict(),
             version,
             self.index,
             self.incarnation,
@@ -149,6 +151,13 @@ class _Job(NamedTuple):
     theta: Any  # what the backend hands workers: θ itself, or its object-store reference
     version: int
     started: float
+    incarnation: int = 0  # of the worker it was handed to
+
+
+def _vacancies(jobs: Any, num_workers: int, depth: int) -> list[int]:
+    """Worker indices, once per free slot, for workers with fewer than `depth` jobs."""
+    busy = collections.Counter(j.worker for j in jobs)
+    return [i for i in range(num_workers) for _ in range(depth - busy[i])]
 
 
 class InProcessWorkers:
@@ -170,9 +179,8 @@ class InProcessWorkers:
         del version
         return flat_theta(theta)  # a host copy: the learner donates its θ buffers
 
-    def idle(self) -> list[int]:
-        busy = {j.worker for j in self._queue}
-        return [i for i in range(len(self.workers)) if i not in busy]
+    def vacancies(self, depth: int) -> list[int]:
+        return _vacancies(self._queue, len(self.workers), depth)
 
     def start(self, worker: int, theta: Any, version: int) -> None:
         self._queue.append(_Job(worker, theta, version, time.perf_counter()))
@@ -234,6 +242,7 @@ class RayWorkers:
         self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(GradientWorker)
         self.incarnations = [0] * num_workers
         self._answered = [False] * num_workers  # has this incarnation sent an estimate?
+        self._last_done = [0.0] * num_workers  # when each worker last sent an estimate
         self.actors = [self._spawn(i) for i in range(num_workers)]
         self._inflight: dict[Any, _Job] = {}
         self.restarts = self.lost = 0
@@ -247,56 +256,70 @@ class RayWorkers:
         del version
         return self._ray.put(flat_theta(theta))
 
-    def idle(self) -> list[int]:
-        busy = {j.worker for j in self._inflight.values()}
-        return [i for i in range(len(self.actors)) if i not in busy]
+    def vacancies(self, depth: int) -> list[int]:
+        return _vacancies(self._inflight.values(), len(self.actors), depth)
 
     def start(self, worker: int, theta: Any, version: int) -> None:
         ref = self.actors[worker].estimate.remote(theta, version)
-        self._inflight[ref] = _Job(worker, theta, version, time.perf_counter())
+        job = _Job(worker, theta, version, time.perf_counter(), self.incarnations[worker])
+        self._inflight[ref] = job
 
-    def _replace(self, job: _Job, why: str) -> None:
-        """Replaces `job`'s worker by a fresh one that redoes the job."""
+    def _redo(self, job: _Job, why: str) -> None:
+        """Hands a lost job to a fresh incarnation of its worker, replacing the worker
+        unless that already happened (a dead worker's queued jobs fail one by one)."""
         i = job.worker
-        try:
-            self._ray.kill(self.actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self.incarnations[i] += 1
-        self._answered[i] = False
-        self.restarts += 1
+        if job.incarnation == self.incarnations[i]:
+            try:
+                self._ray.kill(self.actors[i], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.incarnations[i] += 1
+            self._answered[i] = False
+            self.restarts += 1
+            self.actors[i] = self._spawn(i)
+            self.events.append(f"worker {i} {why}; replaced (incarnation {self.incarnations[i]})")
         self.lost += 1
-        self.actors[i] = self._spawn(i)
         self.start(i, job.theta, job.version)
-        self.events.append(f"worker {i} {why}; replaced (incarnation {self.incarnations[i]})")
+
+    def _running(self) -> dict[Any, _Job]:
+        """Each worker's oldest job in flight, by reference: the one it is running (the
+        others wait behind it in its queue)."""
+        front: dict[int, Any] = {}
+        for ref, job in self._inflight.items():
+            front.setdefault(job.worker, ref)
+        return {ref: self._inflight[ref] for ref in front.values()}
 
     def _deadline(self, job: _Job) -> float:
-        # A worker's first estimate also loads its datasets and compiles: it gets at least
-        # STARTUP_GRACE_S before it counts as silent.
+        # It runs since it was sent or since its worker's last estimate, whichever is
+        # later. A worker's first estimate also loads its datasets and compiles: it gets at
+        # least STARTUP_GRACE_S before it counts as silent.
         fresh = not self._answered[job.worker]
-        return job.started + (max(self._timeout, STARTUP_GRACE_S) if fresh else self._timeout)
+        since = max(job.started, self._last_done[job.worker])
+        return since + (max(self._timeout, STARTUP_GRACE_S) if fresh else self._timeout)
 
     def next(self) -> Estimate:
         ray = self._ray
         while True:
             if not self._inflight:
                 raise RuntimeError("no estimate in flight: start workers first")
-            first = min(self._inflight, key=lambda r: self._deadline(self._inflight[r]))
-            wait = max(self._deadline(self._inflight[first]) - time.perf_counter(), 0.0)
+            running = self._running()
+            first = min(running, key=lambda r: self._deadline(running[r]))
+            wait = max(self._deadline(running[first]) - time.perf_counter(), 0.0)
             ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=wait)
             if not ready:  # that job's worker is silent past its deadline: declare it lost
                 job = self._inflight.pop(first)
-                secs = time.perf_counter() - job.started
-                self._replace(job, f"silent for {secs:.0f} s")
+                secs = time.perf_counter() - max(job.started, self._last_done[job.worker])
+                self._redo(job, f"silent for {secs:.0f} s")
                 continue
             ref = ready[0]
             job = self._inflight.pop(ref)
             try:
                 est = ray.get(ref)
             except ray.exceptions.RayActorError:
-                self._replace(job, "died")
+                self._redo(job, "died")
                 continue
             self._answered[job.worker] = True
+            self._last_done[job.worker] = time.perf_counter()
             return est
 
     def alive(self) -> int:
@@ -346,6 +369,7 @@ class GradientServer:
         self.run, self.mode = run, s.mode
         self.max_staleness = s.max_staleness
         self.per_step = s.estimates_per_step
+        self.queue_depth = s.queue_depth
         if workers is None:
             if s.backend == "ray":
                 workers = RayWorkers(run.config, s.workers)
@@ -366,7 +390,7 @@ class GradientServer:
           update's, and the server's counters under `server/`).
         """
         theta = self.workers.publish(state.theta, step)
-        for i in self.workers.idle():
+        for i in self.workers.vacancies(self.queue_depth):
             self.workers.start(i, theta, step)
         taken: list[Estimate] = []
         dropped = 0
@@ -388,9 +412,9 @@ class GradientServer:
         self.stats.dropped += dropped
         self.stats.applied += len(taken)
         grad = np.mean([e.grad for e in taken], axis=0)  # of one: that one, exactly
-        metrics = {k: np.mean([e.metrics[k] for e in taken]) for k in taken[0].metrics}
+        metrics = {k: sum(e.metrics[k] for e in taken) / len(taken) for k in taken[0].metrics}
         # The estimates' metrics stay on the host: only the gradient goes to the device.
-        state, update_metrics = apply_gradient(state, jnp.asarray(grad), {}, self.run.outer_opt)
+        state, update_metrics = apply_gradient(state, grad, {}, self.run.outer_opt)
         return state, {**metrics, **update_metrics, **self._server_metrics(taken, dropped)}
 
     def _server_metrics(self, taken: list[Estimate], dropped: int) -> dict[str, float]:

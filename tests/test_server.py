@@ -50,15 +50,24 @@ def test_server_settings_are_checked_and_say_which_path_runs():
         ("server.max_staleness=-1", "server.max_staleness"),
         ("server.worker_timeout_s=0", "server.worker_timeout_s"),
         ("server.threads=2", "threads"),
+        ("server.queue_depth=0", "server.queue_depth"),
+        ("server.queue_depth=2", "server.queue_depth=2 needs server.mode='async'"),
     ]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, [bad])
 
 
-def test_one_in_process_worker_through_the_server_reproduces_the_fused_step(tmp_path):
+@pytest.mark.parametrize(
+    "groups",
+    [(), ("meta.task_groups=2", "meta.switch_every=1")],
+    ids=["one_program", "groups_switching"],
+)
+def test_one_in_process_worker_through_the_server_reproduces_the_fused_step(tmp_path, groups):
     # The same algorithm in two places: the worker's estimate half and the learner's apply
-    # half give the fused jitted step's θ, to float32 rounding of separate programs.
-    run = build_run(_config(tmp_path / "a", "meta.outer_steps=3"))
+    # half give the fused jitted step's θ, to float32 rounding of separate programs; also
+    # when groups switch templates (one jitted call per group on both sides).
+    run = build_run(_config(tmp_path / "a", "meta.outer_steps=3", *groups))
+    assert run.switching == bool(groups)
     fused = run.init_state()
     for step in range(3):
         fused, _ = run.outer_step(fused, step)
@@ -72,38 +81,43 @@ def test_one_in_process_worker_through_the_server_reproduces_the_fused_step(tmp_
     np.testing.assert_array_equal(np.asarray(state.key), np.asarray(fused.key))
 
 
+def _serve(path, steps, *extra):
+    """`steps` outer steps of an in-process gradient server: (state, last metrics, server)."""
+    run = build_run(_config(path, *extra))
+    server = GradientServer(run)
+    state = run.init_server_state()
+    for step in range(steps):
+        state, metrics = server.step(state, step)
+    return state, metrics, server
+
+
 def test_async_workers_are_stale_by_their_count_and_stale_estimates_are_dropped(tmp_path):
     # In-process async is a deterministic round-robin: with 3 workers and one estimate per
     # step, estimates are 2 versions old once every worker is busy.
-    run = build_run(
-        _config(tmp_path, "server.workers=3", "server.mode='async'", "server.meta_batch=1")
-    )
-    server = GradientServer(run)
-    state = run.init_server_state()
-    for step in range(6):
-        state, metrics = server.step(state, step)
+    three = ("server.workers=3", "server.mode='async'", "server.meta_batch=1")
+    _, metrics, _ = _serve(tmp_path, 6, *three)
     hist = {k: v for k, v in metrics.items() if k.startswith("server/staleness_")}
     assert hist["server/staleness_0"] == 1 and hist["server/staleness_max"] == 2
     assert metrics["server/staleness_2"] >= 3 and metrics["server/dropped_stale_total"] == 0
     # The same with at most 1 version of staleness: the 2-old estimates are dropped, counted,
     # and their workers start again on the newest θ; the run still advances every step.
-    run = build_run(
-        _config(
-            tmp_path / "b",
-            "server.workers=3",
-            "server.mode='async'",
-            "server.meta_batch=1",
-            "server.max_staleness=1",
-        )
-    )
-    server = GradientServer(run)
-    state = run.init_server_state()
-    for step in range(6):
-        state, metrics = server.step(state, step)
+    state, metrics, _ = _serve(tmp_path / "b", 6, *three, "server.max_staleness=1")
     assert int(state.step) == 6
     assert metrics["server/dropped_stale_total"] >= 1
     assert metrics["server/dropped_stale_total"] == metrics.get("server/staleness_2", 0)
     assert np.all(np.isfinite(_flat(state.theta)))
+
+
+def test_a_queued_estimate_hides_the_round_trip_at_one_version_of_staleness(tmp_path):
+    # queue_depth=2: a worker's next estimate is queued before its last one comes back, so
+    # after the first estimate every one is exactly one version old (never more, with one
+    # worker), and the run applies one per step.
+    queued = ("server.mode='async'", "server.queue_depth=2", "server.meta_batch=1")
+    state, metrics, server = _serve(tmp_path, 5, *queued)
+    assert len(server.workers.vacancies(2)) == 1  # one still queued; the next step refills
+    assert int(state.step) == 5 and metrics["server/staleness_max"] == 1
+    assert metrics["server/staleness_0"] == 1 and metrics["server/staleness_1"] == 4
+    assert metrics["server/dropped_stale_total"] == 0
 
 
 def test_the_in_process_server_is_deterministic_and_logs_its_counters(tmp_path):
@@ -274,8 +288,9 @@ def test_one_synchronous_ray_worker_matches_the_in_process_run(tmp_path):
     assert metrics["server/workers_alive"] == 1 and metrics["server/staleness_0"] == 4
 
 
-@pytest.mark.slow  # starts Ray on localhost with two workers, kills one (~40 s)
-def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path):
+@pytest.mark.slow  # starts Ray on localhost with two workers, kills one (~40 s each)
+@pytest.mark.parametrize("queue_depth", [1, 2])
+def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path, queue_depth):
     import ray  # noqa: PLC0415
 
     run = build_run(
@@ -285,6 +300,7 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path):
             "server.workers=2",
             "server.mode='async'",
             "server.meta_batch=1",
+            f"server.queue_depth={queue_depth}",
         )
     )
     server = GradientServer(run)
@@ -295,8 +311,10 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path):
         state, _ = server.step(state, 0)
         # Async: the other worker's estimate is in flight now; SIGKILL its process.
         busy = [j.worker for j in server.workers._inflight.values()]
-        assert busy, "a worker should still be estimating"
-        os.kill(pids[busy[0]], signal.SIGKILL)
+        victim = max(set(busy), key=busy.count)  # the one with the most jobs in flight
+        owed = busy.count(victim)  # running and queued (with queue_depth=2: two)
+        assert owed == queue_depth
+        os.kill(pids[victim], signal.SIGKILL)
         # The other worker keeps the run advancing while Ray notices the death (quickly
         # on an idle machine, later on a busy one).
         step, events, deadline = 1, [], time.monotonic() + 120
@@ -308,11 +326,14 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_keeps_advancing(tmp_path):
             state, metrics = server.step(state, step)
             step += 1
         assert int(state.step) == step
-        assert metrics["server/worker_restarts"] == 1 and metrics["server/lost_estimates"] == 1
+        # Replaced once, however many of its jobs fail after it (each is redone and logged
+        # as lost; one that finished just before the kill is not lost).
+        assert metrics["server/worker_restarts"] == 1
+        assert 1 <= metrics["server/lost_estimates"] <= owed
         assert metrics["server/workers_alive"] == 2
-        assert any("died" in e for e in events), events
+        assert sum("died" in e for e in events) == 1, events
         assert np.all(np.isfinite(_flat(state.theta)))
-        pids.append(ray.get(server.workers.actors[busy[0]].pid.remote()))
+        pids.append(ray.get(server.workers.actors[victim].pid.remote()))
     finally:
         server.close()
     assert not ray.is_initialized()
