@@ -148,11 +148,7 @@ class Run:
         """
         if not self.switching:
             return estimate_step(self.estimator, est_state, theta, key)
-        templates = self.schedule.templates_at(step)
-        g = self.schedule.switching_group(step)
-        if g is not None:
-            est_state = self._switch_group(est_state, theta, g, templates[g], step)
-        estimators = [self.group_estimator(t) for t in templates]
+        est_state, estimators = self._groups_at(est_state, theta, step)
         return grouped_estimate(estimators, est_state, theta, key)
 
     def estimate_flat(self, est_state, flat_theta, unravel, key: jax.Array, step: int):
@@ -187,16 +183,18 @@ class Run:
         when the schedule says so, then estimates and applies the meta-gradient."""
         if not self.switching:
             return fused_outer_step(self.estimator, state, self.outer_opt)
+        est_state, estimators = self._groups_at(state.est_state, state.theta, step)
+        return grouped_outer_step(estimators, state.replace(est_state=est_state), self.outer_opt)
+
+    def _groups_at(self, est_state, theta, step: int):
+        """(`est_state` with the group the schedule switches at `step` fresh on its new
+        template, the groups' one-group estimators at `step`): where the fused step and a
+        gradient worker's estimate both start when groups switch."""
         templates = self.schedule.templates_at(step)
         g = self.schedule.switching_group(step)
         if g is not None:
-            state = self._switch(state, g, templates[g], step)
-        estimators = [self.group_estimator(t) for t in templates]
-        return grouped_outer_step(estimators, state, self.outer_opt)
-
-    def _switch(self, state: LearnerState, group: int, template: int, step: int):
-        est_state = self._switch_group(state.est_state, state.theta, group, template, step)
-        return state.replace(est_state=est_state)
+            est_state = self._switch_group(est_state, theta, g, templates[g], step)
+        return est_state, [self.group_estimator(t) for t in templates]
 
     def _switch_group(self, est_state, theta, group: int, template: int, step: int):
         """`est_state` with `group`'s particles fresh on `template`."""

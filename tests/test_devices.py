@@ -65,10 +65,11 @@ def _single_device_metrics():
     return out
 
 
-def test_pairs_shard_across_two_cpu_devices_and_estimate_the_same_gradient():
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+def run_json_script(script: str, overrides: list[str], env: dict[str, str]) -> dict:
+    """Runs `script` in a fresh Python (its devices set by `env`) with the config overrides
+    as its JSON argument; returns the JSON object it prints last."""
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(TINY)],
+        [sys.executable, "-c", script, json.dumps(overrides)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -76,7 +77,12 @@ def test_pairs_shard_across_two_cpu_devices_and_estimate_the_same_gradient():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pairs_shard_across_two_cpu_devices_and_estimate_the_same_gradient():
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    got = run_json_script(SCRIPT, TINY, env)
     assert got["devices"] == 2
     assert set(got["before"]) == {2} and set(got["after"]) == {2}  # stays sharded
     assert got["theta_devices"] == 2  # replicated on both

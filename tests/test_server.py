@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from test_devices import run_json_script
 from test_meta_train import TINY as TINY_RUN
 
 from meta_train.build import build_run
@@ -363,16 +364,7 @@ print(json.dumps({"devices": len(jax.devices()), "particle_devices": sorted(devi
 def _worker_run(flags: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER_SCRIPT, json.dumps([*TINY, "meta.num_pairs=4"])],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(WORKER_SCRIPT, [*TINY, "meta.num_pairs=4"], env)
 
 
 @pytest.mark.slow  # two subprocesses (~25 s)
