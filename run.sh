@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source scripts/bootstrap.sh
-exec python -m meta_train.main --config configs/default.toml "$@"
+exec lopt train --config configs/default.toml "$@"

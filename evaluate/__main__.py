@@ -22,10 +22,30 @@ import json
 import sys
 from pathlib import Path
 
+_EXAMPLES = """\
+examples:
+  %(prog)s --checkpoint checkpoints/mnist1d-mlp-pes
+  %(prog)s --checkpoint runs/default/checkpoints --step latest --num-steps 2000
+  %(prog)s --checkpoint runs/default/checkpoints eval.num_seeds=5
+"""
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses the command line."""
-    p = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__.split("\n")[0])
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+      argv: the arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate`).
+
+    Returns:
+      The parsed arguments.
+    """
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="the run's checkpoint directory")
     p.add_argument(
         "--num-steps",
@@ -161,9 +181,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Loads the checkpoint, runs the suite and prints the table; returns the exit status."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Loads the checkpoint, runs the suite and prints the table.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage and error lines (default: `python -m evaluate`).
+
+    Returns:
+      The exit status: 0, or 2 after a user error.
+    """
+    args = parse_args(argv, prog)
     from meta_train.cli import run_cli  # noqa: PLC0415
 
     return run_cli(lambda: _evaluate(args), debug=args.debug)

@@ -50,8 +50,8 @@ Sizes (h = hidden_size, L = hidden_layers):
   network, plus about 5F + 3K + 20 for the state and the features: about 560 by default,
   3,500 with h = 32 (Adam: about 12).
 
-Measured on this project's 2-core CPU with `evaluate.lopt_cost.measure` (its 967,130-parameter
-ConvNet; jitted updates with donated state, timed in rounds alternating with
+Measured on this project's 2-core CPU with `evaluate.measure.lopt_cost.measure` (its
+967,130-parameter ConvNet; jitted updates with donated state, timed in rounds alternating with
 `optax.adam`'s; medians of 7 rounds on a machine shared with other jobs): Adam 1.9 ms per
 update; this optimizer 39 ms by default (21x Adam's), 27 ms with hidden_size 4 and
 hidden_layers 1 (14x), 104 ms with hidden_size 32 (54x); `MLPLOpt`'s default 216 ms (110x).

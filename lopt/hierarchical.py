@@ -45,7 +45,7 @@ How the per-parameter MLP runs (both ways compute the same function, feature-maj
   [num_tensors, in, out]): one [out, in] @ [in, n] matmul per layer and tensor, with the
   tensor's context folded into the first layer's bias. Measured on a 2-core CPU, running
   every tensor through the bank made the whole update 4-5x slower on 1M-parameter models
-  (`evaluate.lopt_cost`'s ConvNet: 164x Adam's update time against 41x) and 2.4x slower on
+  (`evaluate.measure.lopt_cost`'s ConvNet: 164x Adam's update time against 41x) and 2.4x slower on
   tensors of 1,024 entries; the per-tensor matmuls' overhead only shows on tiny tensors,
   whose count (and so compile time) the batched path keeps down.
 
@@ -459,7 +459,10 @@ class HierarchicalLOpt:
         """The per-tensor LSTM input of the update `update(grads, state, params, loss)`.
 
         Args:
-          grads, state, params, loss: as for the optimizer's `update`.
+          grads: the gradients, as for the optimizer's `update`.
+          state: the optimizer state, as for `update`.
+          params: the parameters, as for `update`.
+          loss: the loss, as for `update`.
 
         Returns:
           [num_float_leaves, len(tensor_feature_names)] float32, in `tensor_feature_names`

@@ -511,7 +511,7 @@ class OptaxScheduleLOpt(_LearnedSchedule):
 
     A transformation object is not JSON, so this optimizer cannot be named in a config,
     saved in a checkpoint's config or built by `lopt.registry.make_lopt`; keep the code that
-    builds it next to the saved θ.
+    builds it next to the saved θ. The other options are `LearnedScheduleLOpt`'s.
 
     Attributes:
       transformation: an optax transformation returning updates in optax's sign convention
@@ -519,7 +519,6 @@ class OptaxScheduleLOpt(_LearnedSchedule):
         `optax.chain(optax.scale_by_adam(), optax.scale(-1.0))` (a bare `scale_by_*`
         returns the ascent direction: chain it with `optax.scale(-1.0)`). It gets the
         float leaves as a list of float32 arrays, and the params (for weight decay).
-      (the other options as `LearnedScheduleLOpt`'s)
     """
 
     transformation: optax.GradientTransformation | None = None

@@ -57,3 +57,127 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
         sys.stdout.flush()
         print(f"{label}: {e}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+
+
+# --------------------------------------------------------------------------- the `lopt` command
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("meta_train.main", "meta-train a learned optimizer, then evaluate it"),
+    "resume": ("meta_train.main", "continue the run in a run folder from its own config"),
+    "eval": ("evaluate.__main__", "evaluate a checkpoint against tuned Adam on held-out tasks"),
+    "bench": ("evaluate.bench.cli", "benchmark any optimizer against tuned baselines"),
+    "synthetic": ("meta_train.synthetic", "run estimators on problems with known answers"),
+    "diagnose": ("meta_train.diagnose", "estimator noise at fixed meta-parameters"),
+    "measure": ("", "the project's measurement tools (speed, cost, comparisons)"),
+}
+"""Subcommand → (module whose ``main(argv, prog=...)`` runs it, one-line description)."""
+
+MEASURE_TOOLS: dict[str, tuple[str, str]] = {
+    "speed": ("evaluate.measure.speed", "meta-training throughput against the reference"),
+    "server-speed": ("evaluate.measure.server_speed", "gradient-server throughput"),
+    "lopt-cost": ("evaluate.measure.lopt_cost", "cost of one learned update against Adam's"),
+    "compare-estimators": (
+        "evaluate.measure.compare_estimators",
+        "estimators at equal meta-training budget",
+    ),
+    "compare-lopts": (
+        "evaluate.measure.compare_lopts",
+        "optimizer architectures at equal meta-training budget",
+    ),
+    "plot-runs": ("evaluate.measure.plot_runs", "plot meta-training runs from metrics.jsonl"),
+}
+"""``lopt measure`` tools → (module, one-line description)."""
+
+_EXAMPLES = """examples:
+  lopt train --config configs/default.toml meta.outer_steps=500 run.out_dir=runs/short
+  lopt resume runs/short meta.outer_steps=1000
+  lopt eval --checkpoint runs/short/checkpoints
+  lopt bench --optimizer runs/short/checkpoints --suite classic
+  lopt measure speed --help
+
+`lopt COMMAND --help` lists a command's options."""
+
+
+def _usage(prog: str, commands: dict[str, tuple[str, str]], epilog: str = "") -> str:
+    width = max(len(name) for name in commands)
+    rows = "\n".join(f"  {name:<{width}}  {desc}" for name, (_, desc) in commands.items())
+    return f"usage: {prog} COMMAND [ARGS ...]\n\ncommands:\n{rows}\n" + (
+        f"\n{epilog}\n" if epilog else ""
+    )
+
+
+def _dispatch(
+    prog: str, commands: dict[str, tuple[str, str]], argv: list[str], epilog: str = ""
+) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(prog, commands, epilog), end="")
+        return 0 if argv else USAGE_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(_usage(prog, commands, epilog), end="", file=sys.stderr)
+        print(f"{prog}: error: unknown command {name!r}", file=sys.stderr)
+        return USAGE_ERROR
+    if prog == "lopt" and name == "measure":
+        return _dispatch("lopt measure", MEASURE_TOOLS, rest)
+    if prog == "lopt" and name == "resume":
+        rest = _resume_argv(rest)
+        if isinstance(rest, int):
+            return rest
+    import importlib  # noqa: PLC0415 - each command imports only what it needs
+
+    module = importlib.import_module(commands[name][0])
+    return int(module.main(rest, prog=f"{prog} {name}") or 0)
+
+
+_RESUME_HELP = """usage: lopt resume RUN_DIR [--no-eval] [--debug] [section.key=value ...]
+
+Continue the meta-training run in RUN_DIR from its last complete checkpoint, with the
+config the run saved (RUN_DIR/config.json); overrides may change the keys a resume allows
+(meta.outer_steps, run.*, eval.*, valid.every, valid.guard_*, server.*).
+
+example:
+  lopt resume runs/default meta.outer_steps=20000
+"""
+
+
+def _resume_argv(argv: list[str]) -> list[str] | int:
+    """`lopt resume RUN_DIR ...` as the main job's arguments, or an exit status after help."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(_RESUME_HELP, end="")
+        return 0
+    dirs = [a for a in argv if not a.startswith("-") and "=" not in a]
+    if len(dirs) != 1:
+        print(_RESUME_HELP, end="", file=sys.stderr)
+        print(f"lopt resume: error: expected one RUN_DIR, got {dirs or 'none'}", file=sys.stderr)
+        return USAGE_ERROR
+    run_dir = Path(dirs[0])
+    if not (run_dir / "config.json").is_file():
+        print(
+            f"lopt resume: error: {run_dir} is not a run folder (it has no config.json); give "
+            "the run.out_dir of the run to continue",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
+    rest = [a for a in argv if a != dirs[0]]
+    # The run folder's own resolved config; run.out_dir last, so the folder may have moved.
+    out_dir = f"run.out_dir={json.dumps(str(run_dir))}"  # a TOML string, whatever the path
+    return ["--config", str(run_dir / "config.json"), "--resume", *rest, out_dir]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `lopt` command: one entry for every tool of the project.
+
+    ``lopt COMMAND [ARGS ...]`` runs the module behind COMMAND (`COMMANDS`, and
+    `MEASURE_TOOLS` under ``lopt measure``) with ARGS; ``python -m MODULE ARGS`` does the same.
+
+    Args:
+      argv: the arguments after ``lopt``; defaults to ``sys.argv[1:]``.
+
+    Returns:
+      The exit status: the command's own, or 2 for an unknown command.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _dispatch("lopt", COMMANDS, argv, _EXAMPLES)

@@ -711,26 +711,45 @@ def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
     return d
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's sections: TOML, or JSON for a run folder's resolved ``config.json``."""
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give a TOML file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            d = json.loads(text)
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: a JSON config must be an object of sections")
+            return d
+        return tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+            f"config file {path} is not UTF-8 text (byte {e.start}); config files are UTF-8"
         ) from e
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from e
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Loads a TOML config file (or the defaults) and applies `section.key=value` overrides."""
-    d: dict[str, Any] = {} if path is None else _read_toml(Path(path))
+    """Loads a config file (or the defaults) and applies `section.key=value` overrides.
+
+    Args:
+      path: a TOML file (``configs/*.toml``), a run folder's resolved ``config.json``, or None
+        for the built-in defaults.
+      overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+      The validated `Config`.
+
+    Raises:
+      ConfigError: the file is missing or unreadable, or a key or value is invalid.
+    """
+    d: dict[str, Any] = {} if path is None else _read_config_file(Path(path))
     return from_dict(apply_overrides(d, overrides))
 
 

@@ -2,7 +2,7 @@
 
 XLA's CPU runtime splits each kernel of one device over the cores it may use; for the
 many small per-step kernels of an inner unroll that costs more in synchronisation than it
-gains (measured with 2 cores, `python -m evaluate.speed`: 5,100 inner steps per wall-second
+gains (measured with 2 cores, `python -m evaluate.measure.speed`: 5,100 inner steps per wall-second
 on one device using 1.6 CPU-seconds per second, 8,600-9,900 with two devices each holding
 half the pairs). So a run makes one CPU device per core and shards the estimator's pairs
 across all devices of the backend it runs on (GPUs too); θ and the outer state are

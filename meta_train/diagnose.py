@@ -28,8 +28,30 @@ from meta_train.cli import run_cli
 BINS = (0, 1, 3, 10, 30, 100, 1_000_000)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m meta_train.diagnose", description=__doc__)
+_EXAMPLES = """\
+examples:
+  %(prog)s --checkpoint runs/default/checkpoints
+  %(prog)s --checkpoint runs/default/checkpoints --step latest --windows 100 \\
+      --estimators pes meta.num_pairs=16
+"""
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+      argv: the arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m meta_train.diagnose`).
+
+    Returns:
+      The parsed arguments.
+    """
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m meta_train.diagnose",
+        description=__doc__,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint directory")
     p.add_argument("--step", default=None, help="best (default), latest or a step number")
     p.add_argument("--windows", type=int, default=300, help="windows per estimator")
@@ -140,8 +162,17 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the diagnostics of a checkpoint.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m meta_train.diagnose`).
+
+    Returns:
+      The exit status: 0, or 2 after a user error.
+    """
+    args = parse_args(argv, prog)
     return run_cli(lambda: _diagnose(args), debug=args.debug)
 
 

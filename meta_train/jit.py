@@ -3,7 +3,7 @@
 On the CPU, XLA's default LLVM optimisation level spends about twice the compile time of
 level 1 on the outer step and produces slower code for its many small, narrow kernels
 (measured on the speed benchmark's reference configuration, one core, in one process:
-compile 11.1 s -> 6.5 s, inner steps per second +9 %; `python -m evaluate.speed` prints
+compile 11.1 s -> 6.5 s, inner steps per second +9 %; `python -m evaluate.measure.speed` prints
 both). Other backends
 keep XLA's defaults. The backend is looked up at the first call, not at import, so a
 process can still pin its cores before XLA starts.

@@ -5,10 +5,17 @@ line) so results survive without wandb. wandb runs offline by default: no login,
 and everything it writes (run files, cache, settings) stays under ``out_dir``. Upload later
 with ``wandb sync out_dir/wandb/offline-run-*``.
 
-    logger = RunLogger(cfg.run.out_dir, cfg.to_dict(), mode=cfg.run.wandb_mode)
+    logger = RunLogger(cfg.run.out_dir, cfg.to_dict(), mode=cfg.run.wandb_mode,
+                       step_metric="outer_step")
     logger.log(step, {"meta_loss": loss, "grad_norm": gnorm})
     logger.summary({"final_meta_loss": loss})
+    logger.log_table("eval/results", ["optimizer", "loss"], [["adam", 0.3]])
+    logger.log_image("eval/curves", "eval/curves.png")
+    logger.log_artifact("lopt-x", "learned-optimizer", {"10": "checkpoints/10"}, metadata)
     logger.finish()
+
+Tables, images and artifacts go to wandb only (they are files of the run already); with
+wandb disabled those calls do nothing.
 
 Note: this module is ``meta_train.logging``; import it by that name. Never run a script from
 inside ``meta_train/`` (``python meta_train/x.py``), which would shadow the standard library's
@@ -17,12 +24,13 @@ inside ``meta_train/`` (``python meta_train/x.py``), which would shadow the stan
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -109,6 +117,9 @@ class RunLogger:
       resume: continue the wandb run recorded in out_dir and append to metrics.jsonl. A fresh
         run moves an existing metrics.jsonl / summary.json aside (``metrics.jsonl.1``, ...)
         instead of deleting them.
+      step_metric: if set, every wandb row also carries the step under this name, and it is
+        the x-axis of every chart (``define_metric``); e.g. "outer_step". metrics.jsonl keeps
+        the step as "step" either way.
 
     Raises:
       ValueError: unknown mode.
@@ -125,6 +136,7 @@ class RunLogger:
         project: str = "lopt-meta",
         name: str | None = None,
         resume: bool = False,
+        step_metric: str | None = None,
     ):
         if mode not in _MODES:
             raise ValueError(f"wandb mode must be one of {_MODES}, got {mode!r}")
@@ -137,9 +149,17 @@ class RunLogger:
             for path in (self.metrics_path, self.summary_path):
                 if path.exists() and path.stat().st_size:
                     path.rename(self._free_name(path))
+        self.name = name or self.out_dir.name
+        self.step_metric = step_metric
+        self._last_step: int | None = None
         self.run = None
         if mode != "disabled":
-            self.run = self._start_wandb(config, project, name or self.out_dir.name, resume)
+            self.run = self._start_wandb(config, project, self.name, resume)
+            if step_metric:
+                # Charts then plot against the step by name (also across a resumed run's
+                # files); step_sync fills it into rows that lack it.
+                self.run.define_metric(step_metric)
+                self.run.define_metric("*", step_metric=step_metric)
         # Opened after wandb so a failed start leaves no empty metrics file behind.
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
 
@@ -203,8 +223,98 @@ class RunLogger:
         record = {"step": int(step), **values}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()  # a crash must not lose logged steps
-        if self.run is not None:
-            self.run.log(values, step=int(step))
+        self._wandb_log(values, int(step))
+
+    def _wandb_log(self, payload: dict[str, Any], step: int | None) -> None:
+        if step is None:
+            step = self._last_step
+        if step is not None:
+            self._last_step = step
+        if self.run is None:
+            return
+        if step is None:
+            self.run.log(payload)
+            return
+        if self.step_metric:
+            payload = {**payload, self.step_metric: step}
+        self.run.log(payload, step=step)
+
+    def log_table(
+        self,
+        key: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> None:
+        """Logs a table as a `wandb.Table`; does nothing without wandb.
+
+        Args:
+          key: the table's name in the run, e.g. "eval/results".
+          columns: column names.
+          rows: one sequence of cells (numbers, strings, None) per row.
+          step: the step it belongs to; defaults to the last step logged.
+        """
+        if self.run is None:
+            return
+        import wandb  # noqa: PLC0415 - imported already by the run
+
+        table = wandb.Table(columns=list(columns), data=[list(row) for row in rows])
+        self._wandb_log({key: table}, step)
+
+    def log_image(
+        self, key: str, path: str | os.PathLike, step: int | None = None, caption: str | None = None
+    ) -> None:
+        """Logs an image file (e.g. a PNG figure) as a `wandb.Image`; does nothing without wandb.
+
+        Args:
+          key: the image's name in the run, e.g. "eval/curves".
+          path: the image file.
+          step: the step it belongs to; defaults to the last step logged.
+          caption: shown under the image.
+        """
+        if self.run is None:
+            return
+        import wandb  # noqa: PLC0415
+
+        self._wandb_log({key: wandb.Image(str(path), caption=caption)}, step)
+
+    def log_artifact(
+        self,
+        name: str,
+        type: str,
+        files: Mapping[str, str | os.PathLike],
+        metadata: Mapping[str, Any] | None = None,
+        aliases: Sequence[str] = (),
+    ) -> Any:
+        """Logs files and folders as a wandb Artifact of this run; does nothing without wandb.
+
+        The files are copied into wandb's staging folder (out_dir/wandb/.data when offline),
+        so later changes to them do not change the artifact.
+
+        Args:
+          name: the artifact's name (letters, digits, '-', '_', '.'); each call with the same
+            name makes a new version.
+          type: the artifact's type, e.g. "learned-optimizer".
+          files: path inside the artifact -> a local file or folder (a folder is added whole,
+            under that path).
+          metadata: JSON-friendly values stored with the artifact.
+          aliases: version aliases besides "latest" (which wandb always sets).
+
+        Returns:
+          The `wandb.Artifact`, or None without wandb.
+        """
+        if self.run is None:
+            return None
+        import wandb  # noqa: PLC0415
+
+        meta = {k: _to_json_value(k, v) for k, v in (metadata or {}).items()}
+        artifact = wandb.Artifact(name, type=type, metadata=meta)
+        for dest, source in files.items():
+            if Path(source).is_dir():
+                artifact.add_dir(str(source), name=dest)
+            else:
+                artifact.add_file(str(source), name=dest)
+        return self.run.log_artifact(artifact, aliases=["latest", *aliases])
 
     def summary(self, values: dict) -> None:
         """Records final values in the wandb run summary and in out_dir/summary.json.
@@ -239,7 +349,8 @@ class RunLogger:
             self.run.alert(title=title, text=text)
 
     def finish(self, exit_code: int | None = None) -> None:
-        """Closes metrics.jsonl and finishes the wandb run; safe to call twice.
+        """Closes metrics.jsonl and finishes the wandb run; safe to call twice. An offline
+        run's files are complete when it returns (see `FLUSH_TIMEOUT`).
 
         Args:
           exit_code: non-zero marks the wandb run as failed.
@@ -249,12 +360,44 @@ class RunLogger:
         if self.run is not None:
             run, self.run = self.run, None
             run.finish(exit_code=exit_code)
+            if self.mode == "offline":
+                _wait_for_run_file(Path(run.dir).parent / f"run-{run.id}.wandb")
 
     def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=1 if exc_type is not None else None)
+
+
+FLUSH_TIMEOUT = 30.0
+"""Seconds `RunLogger.finish` waits for wandb to write an offline run's file completely."""
+
+
+def _wait_for_run_file(path: Path, timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Waits until an offline run's transaction log holds its exit record.
+
+    `wandb.Run.finish` returns before wandb's service has flushed and closed the run's
+    ``run-<id>.wandb`` (that happens in the background, measured up to a second later under
+    load): a sync, copy or read of the run folder right after would miss its last records.
+
+    Returns:
+      Whether the exit record was found within `timeout` seconds.
+    """
+    from lopt.export import wandb_run_records  # noqa: PLC0415 - only for offline runs
+
+    deadline = time.monotonic() + timeout
+    while path.exists():  # created by wandb.init; another wandb's layout: nothing to wait for
+        try:
+            if any(r.HasField("exit") for r in wandb_run_records(str(path))):
+                return True
+        except ValueError:  # not even the header flushed yet, or a format we do not know
+            if path.stat().st_size >= 7:
+                return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 def read_metrics(out_dir: str) -> list[dict[str, Any]]:
@@ -276,6 +419,7 @@ def read_metrics(out_dir: str) -> list[dict[str, Any]]:
 
 
 def _fmt_duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s`` (the benchmark report's durations)."""
     seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -291,13 +435,63 @@ def _fmt_value(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+# Wide enough that a log line is never wrapped or cropped (a file has no width of its own).
+_LOG_WIDTH = 1000
+
+
+def _columns(unit: str, width: int) -> list[Any]:
+    """The rich columns of the progress line (rich imported only when a bar is made)."""
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    class BracketedBar(BarColumn):
+        # Without colours (logs) the bar's unfilled part is blank: brackets show its end.
+        def render(self, task) -> Table:
+            grid = Table.grid(padding=0)
+            grid.add_row("[", super().render(task), "]")
+            return grid
+
+    class Rate(ProgressColumn):
+        # Slow steps read better as seconds per step than as 0.0 it/s; rich measures the
+        # rate between updates, so it shows from the second update on.
+        def render(self, task) -> Text:
+            rate = task.speed
+            if not rate:
+                return Text("? it/s")
+            return Text(f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it")
+
+    sep = TextColumn("|")
+    return [
+        TextColumn("{task.description}", markup=False),
+        BracketedBar(bar_width=width),
+        MofNCompleteColumn(),
+        TextColumn(unit, markup=False),
+        sep,
+        Rate(),
+        sep,
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[postfix]}", markup=False),
+    ]
+
+
 class ProgressBar:
-    """A terminal progress line without dependencies.
+    """A progress line drawn by `rich.progress`.
 
-    ``meta-train [##........] 120/500 outer steps | 3.2 it/s | ETA 1m58s | meta-loss 1.234``
+    ``meta-train [━━━━╸     ] 120/500 outer steps | 3.2 it/s | ETA 0:01:58 | meta-loss 1.234``
 
-    On a TTY the line is redrawn in place with '\\r'; otherwise (CI logs, files) a full line is
-    printed at most every `print_every` seconds and once more on `close`.
+    On a terminal rich redraws the line in place. Otherwise (CI logs, files) the same line
+    is printed in plain text, without colours or control characters, at most every
+    `print_every` seconds and once more on `close`. The rate (and so the ETA) is measured
+    between updates: it appears from the second update on, and leaves out the time before
+    the first (e.g. meta-training's compilation).
 
     Args:
       total: number of steps.
@@ -306,7 +500,7 @@ class ProgressBar:
       desc: prefix of the line.
       unit: what the steps are.
       width: characters of the bar.
-      print_every: seconds between lines when the stream is not a TTY.
+      print_every: seconds between lines when the stream is not a terminal.
       clock: time source in seconds (for tests).
     """
 
@@ -318,95 +512,112 @@ class ProgressBar:
         desc: str = "meta-train",
         *,
         unit: str = "outer steps",
-        width: int = 10,
+        width: int = 20,
         print_every: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):
+        from rich.console import Console  # noqa: PLC0415 - rich only when a bar is made
+        from rich.progress import Progress  # noqa: PLC0415
+
         self.total = int(total)
-        self.n = int(initial)
         self.stream = sys.stderr if stream is None else stream
-        self.desc = desc
-        self.unit = unit
-        self.width = width
         self.print_every = print_every
         self._clock = clock
-        self._initial = self.n
-        self._start = clock()
-        self._last_print = self._start
-        self._printed_n: int | None = None
-        self._postfix: dict[str, float] = {}
-        self._last_len = 0
-        self._closed = False
         try:
             self._tty = bool(self.stream.isatty())
         except (AttributeError, ValueError):  # no isatty, or a closed stream
             self._tty = False
-
-    def format(self, now: float | None = None) -> str:
-        """Returns the progress line (without '\\r' or newline)."""
-        now = self._clock() if now is None else now
-        frac = min(max(self.n / self.total, 0.0), 1.0) if self.total > 0 else 1.0
-        filled = int(frac * self.width)
-        parts = [
-            f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{self.n}/{self.total} {self.unit}"
-        ]
-        done, elapsed = self.n - self._initial, now - self._start
-        if done > 0 and elapsed > 0:
-            rate = done / elapsed
-            # Slow steps read better as seconds per step than as 0.0 it/s.
-            parts.append(f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it")
-            parts.append(f"ETA {_fmt_duration(max(self.total - self.n, 0) / rate)}")
-        else:
-            parts += ["? it/s", "ETA ?"]
-        parts += [f"{k.replace('_', '-')} {_fmt_value(v)}" for k, v in self._postfix.items()]
-        return " | ".join(parts)
-
-    def _write_line(self, now: float) -> None:
-        line = self.format(now)
+        # Terminal or not is decided by the stream alone (FORCE_COLOR, TERM, ... are
+        # ignored): a log file never gets cursor movements or colours.
+        console = Console(
+            file=self.stream,
+            force_terminal=self._tty,
+            color_system="auto" if self._tty else None,
+            width=None if self._tty else _LOG_WIDTH,
+            highlight=False,
+        )
+        self._progress = Progress(
+            *_columns(unit, width),
+            console=console,
+            auto_refresh=False,  # redrawn on each update: no thread, deterministic output
+            # The rate over the last updates however far apart (rich keeps 1000 samples);
+            # rich's 30 s window would show no rate when updates come less often.
+            speed_estimate_period=math.inf,
+            # On the real terminal, other print()s then go above the line, not through it.
+            redirect_stdout=self._tty and self.stream in (sys.stdout, sys.stderr),
+            redirect_stderr=self._tty and self.stream in (sys.stdout, sys.stderr),
+            get_time=clock,
+        )
+        self._task = self._progress.add_task(desc, total=self.total, completed=int(initial))
+        self._postfix: dict[str, float] = {}
+        self._set_postfix()
+        self._last_print = clock()
+        self._printed_n: int | None = None  # the step of the last plain line printed
+        self._closed = False
         if self._tty:
-            # Pad with spaces so a shorter line fully covers the previous one.
-            self.stream.write("\r" + line + " " * max(self._last_len - len(line), 0))
-            self._last_len = len(line)
-        else:
-            self.stream.write(line + "\n")
+            self._progress.start()
+
+    @property
+    def n(self) -> int:
+        """Steps done so far (including `initial`)."""
+        return int(self._progress.tasks[0].completed)
+
+    def _set_postfix(self) -> None:
+        text = " | ".join(
+            f"{k.replace('_', '-')} {_fmt_value(v)}" for k, v in self._postfix.items()
+        )
+        self._progress.update(self._task, postfix=f"| {text}" if text else "")
+
+    def format(self) -> str:
+        """Returns the progress line as plain text (what a non-terminal stream gets)."""
+        from rich.console import Console  # noqa: PLC0415
+
+        console = Console(
+            file=io.StringIO(), force_terminal=False, color_system=None, width=_LOG_WIDTH
+        )
+        with console.capture() as capture:
+            console.print(self._progress.get_renderable())
+        return capture.get().rstrip()
+
+    def _print_line(self) -> None:
+        self.stream.write(self.format() + "\n")
         self.stream.flush()
-        self._last_print = now
+        self._last_print = self._clock()
         self._printed_n = self.n
 
     def update(self, n: int = 1, **postfix: float) -> None:
-        """Advances by `n` steps and sets the values shown after the rate.
+        """Advances by `n` steps and sets the values shown after the ETA.
 
         Args:
           n: steps done since the last update.
           **postfix: values to show, e.g. ``meta_loss=1.23`` (shown as 'meta-loss 1.23').
         """
-        self.n += n
         self._postfix.update({k: float(v) for k, v in postfix.items()})
-        now = self._clock()
-        if self._tty or now - self._last_print >= self.print_every:
-            self._write_line(now)
+        self._set_postfix()
+        self._progress.update(self._task, advance=n)
+        if self._tty:
+            self._progress.refresh()
+        elif self._clock() - self._last_print >= self.print_every:
+            self._print_line()
 
     def write(self, text: str) -> None:
         """Writes a message on its own line; on a terminal the bar is redrawn below it."""
         if self._tty:
-            self.stream.write("\r" + " " * self._last_len + "\r" + text + "\n")
-            self._last_len = 0
-            self._write_line(self._clock())
+            # rich prints it above the live line; soft_wrap: long messages are not re-wrapped.
+            self._progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        """Writes the final line (and a newline on a TTY); safe to call twice."""
+        """Shows the final line (a terminal keeps it); safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._printed_n != self.n:
-            self._write_line(self._clock())
         if self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._progress.stop()  # final redraw, newline, cursor shown again
+        elif self._printed_n != self.n:
+            self._print_line()
 
     def __enter__(self) -> ProgressBar:
         return self

@@ -8,6 +8,12 @@ away and is what the evaluation and `lopt.export.load_optax` load), `metrics.jso
 `wandb/` (offline by default; meta-validation under `valid/`), and `eval/` (results.json,
 results.md, curves.png).
 
+The wandb run plots everything against `outer_step`, carries the evaluation (its table as
+`eval/results`, its curves as `eval/curves`) and, as an Artifact of type `learned-optimizer`
+named `lopt-<run name>`, the best checkpoint step (with best.json and config.json; its
+metadata is the config plus the best step and score), which
+`lopt.export.load_optax_artifact("lopt-<run name>:latest", ...)` loads again.
+
 A new run refuses a folder that holds checkpoints; `--resume` refuses a folder without one
 (a mistyped folder never starts over). User errors (bad config values, a missing dataset,
 a config that differs from the checkpoint's, ...) end with one message and exit code 2;
@@ -18,16 +24,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from lopt.export import ARTIFACT_TYPE
 from meta_train.build import Run, build_run
 from meta_train.checkpoint import (
+    BEST_FILE,
     Checkpointer,
     check_compatible,
     describe_directory,
@@ -44,13 +53,26 @@ from meta_train.logging import ProgressBar, RunLogger
 from meta_train.server import GradientServer, start_ray, uses_server
 from meta_train.validation import Guard, build_validator, make_guard
 
+_EXAMPLES = """examples:
+  lopt train --config configs/default.toml
+  lopt train --config configs/default.toml meta.outer_steps=500 run.out_dir=runs/short
+  lopt train --config configs/default.toml server.backend=ray server.workers=2
+  python -m meta_train.main --config configs/mixed.toml --resume run.out_dir=runs/mixed
+"""
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The main job's arguments (``prog`` names the command in usage lines)."""
     p = argparse.ArgumentParser(
-        prog="python -m meta_train.main", description=__doc__.split("\n")[0]
+        prog=prog or "python -m meta_train.main",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--config", default=None, help="TOML run configuration (default: built-in defaults)"
+        "--config",
+        default=None,
+        help="TOML run configuration, or a run folder's config.json (default: built-in defaults)",
     )
     p.add_argument(
         "--resume",
@@ -230,6 +252,9 @@ class _Validation:
 def meta_train(run: Run, *, resume: Resume = False, stream=None):
     """Runs (or resumes) meta-training.
 
+    With wandb on, the run ends with the best checkpoint step logged as an Artifact (see
+    `log_best_artifact`).
+
     Args:
       run: the run's pieces (see `meta_train.build`).
       resume: True: continue from the last complete checkpoint in `run.out_dir` (there must
@@ -246,6 +271,14 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
       CheckpointError: the checkpoint is unusable; NonFiniteThetaError: θ stopped being
         finite (it is never saved; the earlier checkpoints stay).
     """
+    state, metrics, logger = _meta_train(run, resume, stream)
+    logger.finish()
+    return state, metrics
+
+
+def _meta_train(run: Run, resume: Resume, stream) -> tuple[Any, dict, RunLogger]:
+    """`meta_train`, leaving the logger of a successful run open for the evaluation (a
+    failed run's logger is finished, marked failed)."""
     cfg, m = run.config, run.config.meta
     out = Path(cfg.run.out_dir)
     latest = check_run_folder(out, resume)
@@ -268,6 +301,7 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
             project=cfg.run.wandb_project,
             name=cfg.run.name,
             resume=latest is not None,
+            step_metric="outer_step",  # the x-axis of every chart
         )
     except BaseException:
         ckpt.close()
@@ -350,9 +384,67 @@ def meta_train(run: Run, *, resume: Resume = False, stream=None):
         if server is not None:
             server.close()
         bar.close()
-        logger.finish(exit_code=1 if failed else None)  # a failed run shows as such in wandb
-        ckpt.close()
-    return state, metrics
+        if failed:
+            logger.finish(exit_code=1)  # a failed run shows as such in wandb
+        ckpt.close()  # waits for the last save: the artifact below reads it
+    try:
+        ref = log_best_artifact(logger, out, cfg.to_dict())
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    if ref is not None:
+        where = f", run_dir={str(out)!r}" if logger.mode == "offline" else ""
+        print(
+            f"wandb: best meta-parameters logged as artifact {ref}; load them with "
+            f"lopt.export.load_optax_artifact({ref!r}{where})",
+            file=stream or sys.stderr,
+        )
+    return state, metrics, logger
+
+
+def artifact_name(run_name: str) -> str:
+    """The wandb Artifact name of a run's best meta-parameters: ``lopt-<run name>``, with
+    characters wandb does not allow in names replaced by '-'."""
+    return "lopt-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name)
+
+
+def log_best_artifact(logger: RunLogger, out_dir: str | Path, config: dict) -> str | None:
+    """Logs the run's best checkpoint step as a wandb Artifact of type `ARTIFACT_TYPE`.
+
+    The artifact holds what `lopt.export.load_optax` needs: the orbax folder of the step
+    `pick_step` chooses (the best-marked one, else the latest), best.json when it marks that
+    step, and config.json. Its metadata is the config plus `best_step`, `best_score` and
+    `valid_metric`; its aliases are "latest", ``step-<N>`` and "best" when validation marked
+    the step.
+
+    Args:
+      logger: the run's logger (nothing is logged when its wandb is disabled).
+      out_dir: the run folder (holds checkpoints/ and config.json).
+      config: the run configuration.
+
+    Returns:
+      ``"<name>:latest"``, or None when nothing was logged (wandb disabled, no checkpoint).
+    """
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    if logger.run is None or not saved_steps(str(ckpt_dir)):
+        return None
+    step = pick_step(str(ckpt_dir))
+    best = read_best(str(ckpt_dir))
+    marked = best is not None and best["step"] == step
+    files = {str(step): ckpt_dir / str(step), "config.json": Path(out_dir) / "config.json"}
+    if marked:
+        files[BEST_FILE] = ckpt_dir / BEST_FILE
+    score = best.get("score") if marked else None
+    metadata = {
+        **config,
+        "best_step": step,
+        "best_score": score if score is not None and math.isfinite(score) else None,
+        "valid_metric": best.get("metric") if marked else None,
+    }
+    name = artifact_name(logger.name)
+    aliases = [f"step-{step}", *(["best"] if marked else [])]
+    logger.log_artifact(name, ARTIFACT_TYPE, files, metadata, aliases)
+    return f"{name}:latest"
 
 
 def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
@@ -368,8 +460,9 @@ def evaluate_run(run: Run, theta, out_dir: Path) -> dict:
     return run_suite(run.family, learned, cfg.eval, run.held_out_key(), str(out_dir), horizon)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the main job (``lopt train``); returns its exit status (2 after a user error)."""
+    args = parse_args(argv, prog)
     use_cpu_cores()  # one CPU device per core; particles are sharded across them
     return run_cli(lambda: _main(args), debug=args.debug)
 
@@ -392,20 +485,56 @@ def _main(args: argparse.Namespace) -> int:
 def _train_and_evaluate(config: Config, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run = build_run(config)
-    state, _ = meta_train(run, resume=args.resume)
-    t_train = time.perf_counter() - t0
-    print(f"meta-training: {int(state.step)} outer steps in {t_train:.0f} s", file=sys.stderr)
-    if not args.no_eval:
-        out = Path(config.run.out_dir) / "eval"
-        ckpt_dir = Path(config.run.out_dir) / "checkpoints"
-        step = pick_step(str(ckpt_dir))  # the best-marked step, else the latest
-        theta = load_theta(str(ckpt_dir), step)[0] if step != int(state.step) else state.theta
-        print(f"evaluating the meta-parameters of outer step {step}", file=sys.stderr)
-        results = evaluate_run(run, theta, out)
-        print(results["table"])
-        print(f"\nresults: {out}/results.json, {out}/results.md, {out}/curves.png")
+    # The wandb run stays open through the evaluation, which it then carries too.
+    state, _, logger = _meta_train(run, args.resume, None)
+    failed = True
+    try:
+        t_train = time.perf_counter() - t0
+        print(f"meta-training: {int(state.step)} outer steps in {t_train:.0f} s", file=sys.stderr)
+        if not args.no_eval:
+            out = Path(config.run.out_dir) / "eval"
+            ckpt_dir = Path(config.run.out_dir) / "checkpoints"
+            step = pick_step(str(ckpt_dir))  # the best-marked step, else the latest
+            theta = load_theta(str(ckpt_dir), step)[0] if step != int(state.step) else state.theta
+            print(f"evaluating the meta-parameters of outer step {step}", file=sys.stderr)
+            results = evaluate_run(run, theta, out)
+            logger.log_table("eval/results", *eval_table(results))
+            logger.log_image("eval/curves", out / "curves.png", caption=f"outer step {step}")
+            print(results["table"])
+            print(f"\nresults: {out}/results.json, {out}/results.md, {out}/curves.png")
+        failed = False
+    finally:
+        logger.finish(exit_code=1 if failed else None)
     print(f"total wall time {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
+
+
+def eval_table(results: dict) -> tuple[list[str], list[list]]:
+    """The evaluation's summary as table columns and rows: one row per optimizer (and task
+    kind, whose losses are in different units), the mean and std over tasks x seeds of each
+    metric of results.json's summary, and the diverged runs.
+
+    Args:
+      results: what `evaluate.suite.run_suite` returns (or its results.json).
+
+    Returns:
+      `(columns, rows)`; missing or non-finite numbers are None.
+    """
+    by_kind = results.get("summary_by_kind") or {"all": results["summary"]}
+    labels = results.get("labels", {})
+    keys: dict[str, None] = {}  # every optimizer's metrics, in order of appearance
+    for summary in by_kind.values():
+        for name in results["optimizers"]:
+            keys.update((k, None) for k, v in summary[name].items() if isinstance(v, dict))
+    columns = ["optimizer", "kind", *(f"{k} {s}" for k in keys for s in ("mean", "std"))]
+    columns += ["diverged", "runs"]
+    rows = []
+    for kind, summary in by_kind.items():
+        for name in results["optimizers"]:
+            stats = summary[name]
+            cells = [stats.get(k, {}).get(s) for k in keys for s in ("mean", "std")]
+            rows.append([labels.get(name, name), kind, *cells, stats["diverged"], stats["runs"]])
+    return columns, rows
 
 
 if __name__ == "__main__":

@@ -195,9 +195,29 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+_EXAMPLES = """\
+examples:
+  %(prog)s --problem influence
+  %(prog)s --problem toy2d --estimators pes,es_single,tes
+  %(prog)s --problem influence --estimators tbptt --window 100
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Runs the estimators on one synthetic problem, prints a summary and writes the results.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m meta_train.synthetic`).
+
+    Returns:
+      The results (what `<out>/results.json` holds).
+    """
     p = argparse.ArgumentParser(
-        prog="python -m meta_train.synthetic", description=__doc__.split("\n")[0]
+        prog=prog or "python -m meta_train.synthetic",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--problem", choices=sorted(DEFAULTS), default="influence")
     p.add_argument(

@@ -79,7 +79,8 @@ def validation_tasks(
       family: the task family (`sample_with_info(key, template)`, `num_templates`).
       key: the run's held-out key.
       num_tasks: how many tasks.
-      min_len, max_len: the family's episode lengths (the horizons meta-training sees).
+      min_len: the family's shortest episode length (the horizons meta-training sees).
+      max_len: the family's longest episode length.
 
     Returns:
       The tasks, in order.

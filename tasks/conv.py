@@ -126,7 +126,9 @@ def conv_task(
 
     Args:
       data: on-device images [N, H, W, C].
-      channels, kernel_sizes, strides: one entry per convolution layer.
+      channels: output channels, one entry per convolution layer.
+      kernel_sizes: kernel sizes, one entry per convolution layer.
+      strides: strides, one entry per convolution layer.
       num_classes: output classes.
       batch_size: training batch size.
       activations: names the traced `hp.activation` index chooses from.

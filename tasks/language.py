@@ -172,7 +172,8 @@ def lm_task(
         (width `hidden`, `heads` heads, learned positions up to `seq_len`).
       hidden: recurrent units or transformer width.
       layers: recurrent layers or transformer blocks.
-      batch_size, seq_len: training batch shape.
+      batch_size: training batch size (sequences).
+      seq_len: training sequence length (bytes).
       heads: attention heads (transformer).
       activations: names the traced `hp.activation` picks from for the transformer's MLP
         (recurrent cells keep their own nonlinearities).

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from evaluate import baselines
-from evaluate.baselines import Baseline, cache_key, cache_path, lr_grid, read_cache
+from evaluate.bench import baselines
+from evaluate.bench.baselines import Baseline, cache_key, cache_path, lr_grid, read_cache
 from evaluate.suite import select_lr
 
 TASK = {"name": "t@100", "kind": "mlp", "steps": 100, "options": {"dataset": "mnist1d"}}

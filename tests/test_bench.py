@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.bench import main
+from evaluate.bench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

@@ -1,4 +1,4 @@
-"""Tests of evaluate.bench_report on a small hand-made results dict (no training)."""
+"""Tests of evaluate.bench.report on a small hand-made results dict (no training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from evaluate import bench_report as br
+from evaluate.bench import report as br
 
 ROWS = ["cand", "adam", "adam_cosine", "sgdm", "adam_fresh_seeds"]
 LRS = [1e-4, 1e-3, 1e-2]

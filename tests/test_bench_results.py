@@ -1,6 +1,6 @@
 """Assembling benchmark results: divergence counts and per-row summaries across tasks."""
 
-from evaluate.bench_results import _aggregate, count_diverged
+from evaluate.bench.results import _aggregate, count_diverged
 
 
 def _run(finals, train_starts, valid=(2.3, 1.0)):

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from evaluate.bench_suites import (
+from evaluate.bench.suites import (
     SuiteError,
     build_task,
     classic_tasks,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.compare import parse_variants
-from evaluate.compare_lopts import default_variants
+from evaluate.measure.compare import parse_variants
+from evaluate.measure.compare_lopts import default_variants
 from lopt.registry import LOPTS
 from meta_train.config import load_config
 

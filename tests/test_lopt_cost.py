@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evaluate.lopt_cost import FLOOR, TARGETS, format_table, measure, parse_variant, state_floor
+from evaluate.measure.lopt_cost import (
+    FLOOR,
+    TARGETS,
+    format_table,
+    measure,
+    parse_variant,
+    state_floor,
+)
 from lopt.mlp_lopt import MLPLOpt
 
 

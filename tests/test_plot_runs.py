@@ -1,10 +1,10 @@
-"""evaluate.plot_runs: block statistics and validation scores of runs, and the figure."""
+"""evaluate.measure.plot_runs: block statistics and validation scores of runs, and the figure."""
 
 import json
 
 import numpy as np
 
-from evaluate.plot_runs import main, read_run
+from evaluate.measure.plot_runs import main, read_run
 
 
 def _write_run(path, steps, with_valid=True):

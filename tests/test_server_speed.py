@@ -3,7 +3,7 @@
 import pytest
 from test_meta_train import TINY
 
-from evaluate.server_speed import _cpu_spent, measure, summarise
+from evaluate.measure.server_speed import _cpu_spent, measure, summarise
 
 
 def _run(way, per_wall_s, wall_s=10.0, cpu=None):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from evaluate.specs import SHIPPED_DIR, SpecError, check, parse_spec, shipped_names
+from evaluate.bench.specs import SHIPPED_DIR, SpecError, check, parse_spec, shipped_names
 
 
 def _one_update(tx, loss=1.0):

@@ -3,7 +3,7 @@ table of ranges (the measurements themselves are benchmarks, not tests)."""
 
 import pytest
 
-from evaluate.speed import _last_json, format_comparison, main
+from evaluate.measure.speed import _last_json, format_comparison, main
 
 
 def _row(cores, ref, ours, ref_wall, ours_wall, ref_c, ours_c):

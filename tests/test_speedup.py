@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluate.speedup import (
+from evaluate.bench.speedup import (
     aggregate,
     coarsen,
     interquartile_mean,

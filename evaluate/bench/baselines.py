@@ -129,7 +129,8 @@ def cache_key(
       task: the task's JSON description (`BenchTask.to_json()`: model, data, horizon).
       baseline: the baseline and its grid.
       seeds: seeds per rate (the keys derive from the task's name and the seed index).
-      eval_points, train_bins: the curves' resolution.
+      eval_points: the curves' resolution: about how many validation evaluations per run.
+      train_bins: the curves' resolution: bins of the training-loss curve.
       data_fingerprint: a hash of the task's data (files can change under the same name).
 
     Returns:

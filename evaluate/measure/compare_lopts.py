@@ -1,11 +1,11 @@
 """Compare learned-optimizer architectures at equal meta-training budget.
 
-    python -m evaluate.compare_lopts --config configs/default.toml --outer-steps 3000 \
+    python -m evaluate.measure.compare_lopts --config configs/default.toml --outer-steps 3000 \
         --out runs/compare_lopts [--variant NAME=OVERRIDE[;OVERRIDE...] ...] [overrides]
 
 Every variant meta-trains on the same task family with the same estimator, pairs, window
 and number of outer steps (so the same inner steps), then is evaluated at its best
-meta-validation step on the same held-out tasks against tuned Adam; see `evaluate.compare`
+meta-validation step on the same held-out tasks against tuned Adam; see `evaluate.measure.compare`
 for what is written. Without `--variant`, the zoo: every kind of `lopt.registry.LOPTS` with
 its default options, and the per-parameter MLP with each generalisation mechanism
 (`default_variants`).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evaluate.compare import compare, parse_variants
+from evaluate.measure.compare import compare, parse_variants
 
 # The per-parameter MLP of the default config, with each generalisation mechanism on its own;
 # then every other kind at its defaults with the default config's cosine step schedule (a
@@ -39,9 +39,29 @@ def default_variants() -> list[str]:
     return [*MLP_VARIANTS, *others]
 
 
-def main(argv: list[str] | None = None) -> dict:
+_EXAMPLES = """\
+examples:
+  %(prog)s --config configs/default.toml --outer-steps 3000 --out runs/compare_lopts
+  %(prog)s --outer-steps 500 --variant "mlp=lopt.kind='mlp'" \\
+      --variant "adafac=lopt.kind='adafac';lopt.step_schedule='cosine'"
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Meta-trains every variant and compares them (`evaluate.measure.compare`).
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.measure.compare_lopts`).
+
+    Returns:
+      `{"rows": per-variant figures, "table": the markdown table}`.
+    """
     p = argparse.ArgumentParser(
-        prog="python -m evaluate.compare_lopts", description=__doc__.split("\n")[0]
+        prog=prog or "python -m evaluate.measure.compare_lopts",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default="configs/default.toml")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evaluate.baselines import (
+from evaluate.bench.baselines import (
     BASELINE_VERSION,
     Baseline,
     cache_key,
@@ -41,8 +41,8 @@ from evaluate.baselines import (
     read_cache,
     write_json_atomic,
 )
-from evaluate.bench_suites import BenchTask
-from evaluate.speedup import smooth_bins
+from evaluate.bench.speedup import smooth_bins
+from evaluate.bench.suites import BenchTask
 from evaluate.suite import _num, _train, eval_steps, select_lr, train_seeds, train_step
 from meta_train.jit import jit
 
@@ -240,7 +240,7 @@ class _Built:
 
     def get(self, task: BenchTask, data_dir: str | None) -> tuple[Any, dict, str]:
         if task not in self._tasks:
-            from evaluate.bench_suites import build_task  # noqa: PLC0415
+            from evaluate.bench.suites import build_task  # noqa: PLC0415
 
             if len(self._tasks) >= 2:  # bound device memory: datasets can be large
                 self._tasks.pop(next(iter(self._tasks)))
@@ -259,7 +259,7 @@ def run_candidate(job: Job, settings: Settings) -> dict[str, Any]:
       The row record (`row_record`) plus `info`, `step_time_ratio`, `seconds` and the
       curves' step axes.
     """
-    from evaluate.specs import parse_spec  # noqa: PLC0415
+    from evaluate.bench.specs import parse_spec  # noqa: PLC0415
 
     task = job.task
     built, info, _ = _BUILT.get(task, settings.data_dir)

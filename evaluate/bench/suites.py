@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from evaluate.baselines import DEFAULT_BASELINES, QUICK_BASELINES, Baseline
+from evaluate.bench.baselines import DEFAULT_BASELINES, QUICK_BASELINES, Baseline
 from meta_train.cli import UserError
 
 KINDS = ("mlp", "conv", "lm", "family")

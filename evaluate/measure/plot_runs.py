@@ -1,7 +1,8 @@
 """Compares meta-training runs from their `metrics.jsonl`: meta-loss, estimator variance and
 meta-validation score against outer steps.
 
-    python -m evaluate.plot_runs runs/a=PES runs/b="ES-Single" --out docs/runs.png [--block 250]
+    python -m evaluate.measure.plot_runs runs/a=PES runs/b="ES-Single" --out docs/runs.png \\
+        [--block 250]
 
 Meta-loss is the mean and estimator variance the median over blocks of `--block` outer
 steps (both are noisy step to step). The validation score is read from the `valid/score`
@@ -77,8 +78,29 @@ def plot(runs: dict[str, dict], path: str | Path, block: int) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluate.plot_runs", description=__doc__)
+_EXAMPLES = """\
+examples:
+  %(prog)s runs/a=PES runs/b=ES-Single --out runs.png
+  %(prog)s runs/default --out default.png --block 100
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Reads the runs, writes the figure and prints its path.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.measure.plot_runs`).
+
+    Returns:
+      The exit status (0).
+    """
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m evaluate.measure.plot_runs",
+        description=__doc__,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--block", type=int, default=250, help="outer steps per block")

@@ -6,7 +6,7 @@ numbers are already None) and writes files; nothing trains or touches JAX arrays
     paths = write_report(results, "runs/bench")  # results.json/.md, speedup.png, curves/
     print(format_markdown(results))
 
-Speed-ups are over tuned Adam (`evaluate.speedup`): steps Adam needs to reach its own best
+Speed-ups are over tuned Adam (`evaluate.bench.speedup`): steps Adam needs to reach its own best
 loss ÷ steps the row needs to reach that loss; None with no candidate step means "never".
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluate.baselines import file_name
+from evaluate.bench.baselines import file_name
 from evaluate.suite import _as_float, _cell, _fmt_lr
 from meta_train.logging import RunLogger, WandbError, _fmt_duration
 
@@ -293,7 +293,8 @@ def format_markdown(results: dict) -> str:
     a paragraph on how to read the numbers.
 
     Args:
-      results: the benchmark's results dict (see `evaluate.bench`; non-finite numbers None).
+      results: the benchmark's results dict (`evaluate.bench.results.assemble`; non-finite
+        numbers None).
 
     Returns:
       The Markdown text.
@@ -440,7 +441,7 @@ def plot_speedups(results: dict, path: str) -> None:
 
 
 def task_file_name(name: str) -> str:
-    """A task's name made safe as a file name (`evaluate.baselines.file_name`)."""
+    """A task's name made safe as a file name (`evaluate.bench.baselines.file_name`)."""
     return file_name(name)
 
 

@@ -1,7 +1,7 @@
 """Meta-train several variants of one configuration at equal budget and compare them.
 
-The engine of `python -m evaluate.compare_estimators` (variants differ in `meta.estimator`)
-and `python -m evaluate.compare_lopts` (variants differ in `[lopt]`). Every variant runs the
+The engine of `python -m evaluate.measure.compare_estimators` (variants differ in `meta.estimator`)
+and `python -m evaluate.measure.compare_lopts` (variants differ in `[lopt]`). Every variant runs the
 same config plus its own overrides, with the same number of outer steps; the budget in inner
 steps (2 × pairs × window per outer step) is printed per variant, so a variant that changes
 it shows. Each trained optimizer, at the step with the best meta-validation score (or the

@@ -1,7 +1,7 @@
 """Meta-training throughput benchmark on the reference configuration.
 
-    python -m evaluate.speed [--cores N] [--outer-steps 40] [--json out.json]
-    python -m evaluate.speed --compare [--cores 1,2] [--rounds 3]
+    python -m evaluate.measure.speed [--cores N] [--outer-steps 40] [--json out.json]
+    python -m evaluate.measure.speed --compare [--cores 1,2] [--rounds 3]
 
 Reference configuration: 8×8 grayscale Fashion-MNIST MLP (64-32-10, ReLU, batch 128); the
 per-parameter MLP optimizer with two hidden layers of 32 (1,794 meta-parameters); PES with 8
@@ -232,7 +232,7 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
 
 
 REFERENCE_SCRIPT = (
-    Path(__file__).resolve().parents[2] / "shared/reference/learned_optimization/run_baseline.py"
+    Path(__file__).resolve().parents[3] / "shared/reference/learned_optimization/run_baseline.py"
 )
 REFERENCE_PYTHON = Path(os.environ.get("TMPDIR", "/tmp")) / "lo-reference-venv/bin/python"
 
@@ -273,7 +273,7 @@ def compare(
                     raise RuntimeError(f"the reference failed:\n{ref.stderr[-3000:]}")
                 ref_out = _last_json(ref.stdout)
                 ours = subprocess.run(
-                    [sys.executable, "-m", "evaluate.speed", "--cores", str(c)]
+                    [sys.executable, "-m", "evaluate.measure.speed", "--cores", str(c)]
                     + ["--outer-steps", str(outer_steps), "--json", out_json],
                     capture_output=True,
                     text=True,
@@ -340,8 +340,30 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m evaluate.speed", description=__doc__.split("\n")[0])
+_EXAMPLES = """\
+examples:
+  %(prog)s --cores 2 --outer-steps 40 --json speed.json
+  %(prog)s --compare --compare-cores 1,2 --rounds 3
+  %(prog)s --kinds
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Runs the throughput benchmark (or `--compare`, `--kinds`, `--conv`) and prints it.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.measure.speed`).
+
+    Returns:
+      The figures printed (as also written to `--json`).
+    """
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m evaluate.measure.speed",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--outer-steps", type=int, default=40, help="timed outer steps")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--json", default=None, help="also write the numbers here")

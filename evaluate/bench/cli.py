@@ -5,13 +5,13 @@
 
 SPEC: a checkpoint directory, a shipped optimizer's name (`mnist1d-mlp-pes`), an optax
 optimizer with its settings (`optax:adam(learning_rate=1e-3)`) or `module:function`
-returning an optax transformation (see `evaluate.specs`). Suites: `quick`, `classic`,
+returning an optax transformation (see `evaluate.bench.specs`). Suites: `quick`, `classic`,
 `in_family` (held-out tasks of a meta-training config: `--config`, or the first checkpoint
-SPEC's own), or a suite file (see `evaluate.bench_suites`).
+SPEC's own), or a suite file (see `evaluate.bench.suites`).
 
 Per task, Adam, Adam with warm-up and cosine decay, and SGD with momentum are each tuned
 over a learning-rate grid on validation loss (cached on disk: a new candidate trains only
-itself). The headline number is the speed-up over tuned Adam (`evaluate.speedup`), with
+itself). The headline number is the speed-up over tuned Adam (`evaluate.bench.speedup`), with
 tuned Adam re-run on fresh seeds as the noise reference. Writes results.json, results.md,
 speedup.png, curves/*.png and a wandb run (offline by default) into the output folder; an
 interrupted run resumes when the same command is run again.
@@ -35,9 +35,31 @@ from meta_train.cli import UserError
 RESERVED = ("adam", "adam_cosine", "sgdm", "adam_fresh_seeds")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses the command line."""
-    p = argparse.ArgumentParser(prog="python -m evaluate.bench", description=__doc__.split("\n")[0])
+_EXAMPLES = """\
+examples:
+  %(prog)s --optimizer mnist1d-mlp-pes --suite quick
+  %(prog)s --optimizer runs/default/checkpoints \\
+      --optimizer 'adam3=optax:adam(learning_rate=3e-3)' --suite classic --steps 1000
+  %(prog)s --optimizer runs/default/checkpoints --suite in_family
+"""
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+      argv: the arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.bench`).
+
+    Returns:
+      The parsed arguments.
+    """
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m evaluate.bench",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--optimizer",
         action="append",
@@ -101,7 +123,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _specs(texts: list[str]) -> list:
-    from evaluate.specs import check, parse_spec  # noqa: PLC0415
+    from evaluate.bench.specs import check, parse_spec  # noqa: PLC0415
 
     specs = [parse_spec(t) for t in texts]
     labels = [s.label for s in specs]
@@ -130,10 +152,10 @@ def _spec_identity(spec: Any) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from evaluate import bench_run  # noqa: PLC0415
-    from evaluate.baselines import default_cache_dir, file_name, versions  # noqa: PLC0415
-    from evaluate.bench_report import format_markdown, write_report  # noqa: PLC0415
-    from evaluate.bench_suites import get_suite, missing_data  # noqa: PLC0415
+    from evaluate.bench import runner  # noqa: PLC0415
+    from evaluate.bench.baselines import default_cache_dir, file_name, versions  # noqa: PLC0415
+    from evaluate.bench.report import format_markdown, write_report  # noqa: PLC0415
+    from evaluate.bench.suites import get_suite, missing_data  # noqa: PLC0415
     from meta_train.logging import ProgressBar  # noqa: PLC0415
 
     t_start = time.perf_counter()
@@ -151,7 +173,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise UserError(f"--tasks {args.tasks!r} matches no task of {suite.name!r}: {names}")
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    settings = bench_run.Settings(suite.seeds, suite.eval_points, suite.train_bins, args.data_dir)
+    settings = runner.Settings(suite.seeds, suite.eval_points, suite.train_bins, args.data_dir)
 
     skipped, runnable = [], []
     for t in tasks:
@@ -162,16 +184,16 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             runnable.append(t)
 
-    jobs: list[bench_run.Job] = []
+    jobs: list[runner.Job] = []
     for t in runnable:
         for base in suite.baselines:
-            jobs.append(bench_run.baseline_job(t, base, settings, str(cache_dir)))
+            jobs.append(runner.baseline_job(t, base, settings, str(cache_dir)))
         for s in specs:
-            key = bench_run.candidate_key(t, s.spec, settings, _spec_identity(s))
+            key = runner.candidate_key(t, s.spec, settings, _spec_identity(s))
             path = out / "jobs" / file_name(t.name) / f"{file_name(s.label)}-{key[:12]}.json"
-            jobs.append(bench_run.Job(t, s.label, s.spec, None, str(path), key))
+            jobs.append(runner.Job(t, s.label, s.spec, None, str(path), key))
 
-    todo = [j for j in jobs if bench_run.cached(j) is None]
+    todo = [j for j in jobs if runner.cached(j) is None]
     done_before = len(jobs) - len(todo)
     print(
         f"{suite.name}: {len(runnable)} tasks ({len(skipped)} skipped), {len(jobs)} jobs, "
@@ -197,12 +219,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     t_jobs = time.perf_counter()
     try:
-        bench_run.run_jobs(todo, settings, args.workers, on_done)
+        runner.run_jobs(todo, settings, args.workers, on_done)
     finally:
         bar.close()
     jobs_seconds = time.perf_counter() - t_jobs
 
-    from evaluate.bench_results import assemble  # noqa: PLC0415
+    from evaluate.bench.results import assemble  # noqa: PLC0415
 
     results = assemble(
         suite,
@@ -235,9 +257,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the benchmark; returns the exit status (2 after a user error, 1 if a job failed)."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the benchmark.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage and error lines (default: `python -m evaluate.bench`).
+
+    Returns:
+      The exit status: 0, 2 after a user error, 1 if a job failed.
+    """
+    args = parse_args(argv, prog)
     from meta_train.cli import run_cli  # noqa: PLC0415
 
     return run_cli(lambda: _bench(args), debug=args.debug)

@@ -27,7 +27,8 @@ import optax
 
 from meta_train.cli import UserError
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+# evaluate/bench/specs.py -> the repository root, which holds the shipped checkpoints/.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 _LABEL = re.compile(r"^([A-Za-z_][\w.\-]*)=(?=[^=])")
 _CALL = re.compile(r"^(?P<target>[^()\s]+?)(?:\((?P<args>.*)\))?$", re.S)
 

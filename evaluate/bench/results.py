@@ -1,7 +1,7 @@
 """Assembles finished benchmark jobs into one results dict (the schema of results.json).
 
 Speed-ups are computed here, from the curves the jobs saved (means over seeds), against
-tuned Adam on each task; then summarised across tasks (`evaluate.speedup.aggregate`).
+tuned Adam on each task; then summarised across tasks (`evaluate.bench.speedup.aggregate`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from evaluate.baselines import LABELS
-from evaluate.bench_run import FRESH, Job, cached
-from evaluate.bench_suites import BenchTask, Suite
-from evaluate.speedup import aggregate, coarsen, speed_up
+from evaluate.bench.baselines import LABELS
+from evaluate.bench.runner import FRESH, Job, cached
+from evaluate.bench.speedup import aggregate, coarsen, speed_up
+from evaluate.bench.suites import BenchTask, Suite
 
 REFERENCE = "adam"
 # The training-loss speed-up reads curves merged into this many bins (5 % of the run each).
@@ -58,7 +58,7 @@ def assemble(
     Args:
       suite: the suite (its baselines fix the row order).
       tasks: the tasks that ran (skipped ones are only named in `skipped`).
-      specs: the candidates (`evaluate.specs.OptimizerSpec`), in command-line order.
+      specs: the candidates (`evaluate.bench.specs.OptimizerSpec`), in command-line order.
       jobs: every job of the run (finished ones have a result file with their key).
       skipped: {'task', 'reason'} of tasks whose data are missing.
       failed: {'task', 'row', 'error'} of jobs that raised.
@@ -66,7 +66,7 @@ def assemble(
       ran: result paths of the jobs this invocation ran (other baselines came from the cache).
 
     Returns:
-      The results (see the module docstring of `evaluate.bench`).
+      The results: what results.json holds (written by `evaluate.bench.report.write_report`).
     """
     candidates = [s.label for s in specs]
     rows = [*candidates, *(b.name for b in suite.baselines), FRESH]
@@ -145,7 +145,7 @@ def count_diverged(run: dict[str, Any]) -> int:
     ends worse than where it started has not trained).
 
     Args:
-      run: a row's record (`evaluate.bench_run.row_record`).
+      run: a row's record (`evaluate.bench.runner.row_record`).
 
     Returns:
       The count.

@@ -1,6 +1,6 @@
 """Gradient-server throughput: in-process against Ray with 1 and 2 workers, equal work.
 
-    python -m evaluate.server_speed [--outer-steps 300] [--warmup 3] [--rounds 3]
+    python -m evaluate.measure.server_speed [--outer-steps 300] [--warmup 3] [--rounds 3]
                                     [--ways W,...] [--config F] [--json F]
                                     [section.key=value ...]
 
@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: children run from there
 WAYS = {  # name: (what the table calls it, config overrides)
     "in_process": ("in-process, 1 core", []),
     "in_process_all": ("in-process, every core (a device each)", []),
@@ -167,7 +167,7 @@ def measure(
             cmd = [
                 sys.executable,
                 "-m",
-                "evaluate.server_speed",
+                "evaluate.measure.server_speed",
                 "--child",
                 way,
                 "--outer-steps",
@@ -264,9 +264,28 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+_EXAMPLES = """\
+examples:
+  %(prog)s
+  %(prog)s --outer-steps 100 --rounds 1 --ways in_process,ray2_queued --json server.json
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Measures every way (or, with `--child`, one way in this process) and prints the tables.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.measure.server_speed`).
+
+    Returns:
+      The exit status (0; argument errors exit with 2).
+    """
     p = argparse.ArgumentParser(
-        prog="python -m evaluate.server_speed", description=__doc__.split("\n")[0]
+        prog=prog or "python -m evaluate.measure.server_speed",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--outer-steps", type=int, default=300, help="estimates timed per way")
     p.add_argument("--warmup", type=int, default=3, help="untimed outer steps first")

@@ -1,6 +1,6 @@
 """What a learned optimizer costs per step, against Adam, in the same process.
 
-    python -m evaluate.lopt_cost [--kinds mlp,adafac,...] [--lopt NAME=KIND:KEY=VALUE,...]
+    python -m evaluate.measure.lopt_cost [--kinds mlp,adafac,...] [--lopt NAME=KIND:KEY=VALUE,...]
                                  [--rounds 5] [--calls 20] [--json F]
 
 For every learned optimizer of `lopt.registry.LOPTS` (default options, a fresh θ), every
@@ -244,11 +244,30 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+_EXAMPLES = """\
+examples:
+  %(prog)s
+  %(prog)s --kinds mlp,adafac --lopt mlp-small=mlp:hidden_size=8,hidden_layers=1 --rounds 7
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Measures every optimizer's update time and state size, and prints the table.
+
+    Args:
+      argv: the command line's arguments (default: `sys.argv[1:]`).
+      prog: the program's name in usage lines (default: `python -m evaluate.measure.lopt_cost`).
+
+    Returns:
+      The exit status (0; argument errors exit with 2).
+    """
     from lopt.registry import LOPTS  # noqa: PLC0415
 
     p = argparse.ArgumentParser(
-        prog="python -m evaluate.lopt_cost", description=__doc__.split("\n")[0]
+        prog=prog or "python -m evaluate.measure.lopt_cost",
+        description=__doc__.split("\n")[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--kinds", default=",".join(sorted(LOPTS)), help="comma-separated kinds")
     p.add_argument(

@@ -1,0 +1,121 @@
+"""The layout shows the architecture: `lopt` stands alone, the benchmark and the project's
+measurement tools are packages of their own, and every command line can be dispatched."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The packages `lopt` must never import: it is what users install to load an optimizer.
+OUTSIDE_LOPT = ("meta_train", "evaluate", "tasks")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def _imported_modules(path: Path) -> list[tuple[int, str]]:
+    """`(line, module)` of every import in a file, lazy ones inside functions included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            # A relative import stays inside lopt; only absolute ones can leave it.
+            if node.level == 0 and node.module:
+                found.append((node.lineno, node.module))
+    return found
+
+
+def test_no_file_of_lopt_imports_meta_train_evaluate_or_tasks():
+    files = sorted((ROOT / "lopt").rglob("*.py"))
+    assert files
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: import {module}"
+        for path in files
+        for line, module in _imported_modules(path)
+        if module.split(".")[0] in OUTSIDE_LOPT
+    ]
+    assert not bad, "lopt must stand alone:\n" + "\n".join(bad)
+
+
+def test_loading_a_shipped_optimizer_imports_nothing_outside_lopt():
+    out = _run(
+        "import json, sys\n"
+        "import lopt, lopt.export, lopt.checkpoint\n"
+        "lopt.export.load_optax('checkpoints/mnist1d-mlp-pes', num_steps=400)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {OUTSIDE_LOPT})))"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_meta_train_checkpoint_re_exports_the_read_side_without_copies():
+    lopt_ckpt = importlib.import_module("lopt.checkpoint")
+    mt_ckpt = importlib.import_module("meta_train.checkpoint")
+    for name in lopt_ckpt.__all__:
+        assert getattr(mt_ckpt, name) is getattr(lopt_ckpt, name), name
+        assert name in mt_ckpt.__all__, name
+    # Errors raised while reading are the ones meta-training's entry points catch.
+    assert issubclass(mt_ckpt.CorruptCheckpointError, mt_ckpt.CheckpointError)
+
+
+def test_the_bench_and_measure_packages_import_nothing_heavy():
+    out = _run(
+        "import json, sys\n"
+        "import evaluate.bench, evaluate.measure\n"
+        "print(json.dumps([m for m in ('jax', 'optax', 'orbax', 'meta_train') "
+        "if m in sys.modules]))"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# Every command-line module: `main(argv, prog)` shows `prog` in its usage and an example.
+COMMANDS = [
+    "evaluate.__main__",
+    "evaluate.bench.cli",
+    "evaluate.measure.speed",
+    "evaluate.measure.server_speed",
+    "evaluate.measure.lopt_cost",
+    "evaluate.measure.compare_estimators",
+    "evaluate.measure.compare_lopts",
+    "evaluate.measure.plot_runs",
+    "meta_train.synthetic",
+    "meta_train.diagnose",
+]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_takes_argv_and_prog_and_shows_examples(module, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"], prog="lopt x")
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: lopt x")
+    examples = text.split("\nexamples:\n", 1)[1]
+    assert examples.lstrip().startswith("lopt x"), examples  # %(prog)s in the examples
+
+
+def test_python_m_evaluate_bench_still_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "evaluate.bench", "--help"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("usage: python -m evaluate.bench ")
