@@ -272,21 +272,6 @@ def test_checkpoint_alone_gives_the_exported_optimizer(tmp_path):
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
 
 
-def test_readme_example_runs_against_a_checkpoint(tmp_path):
-    meta_train(build_run(_config(tmp_path, "meta.outer_steps=2", "run.checkpoint_every=2")))
-    readme = (ROOT / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace('"runs/default/checkpoints"', repr(str(tmp_path / "checkpoints")))
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    params, state = scope["params"], scope["state"]
-    losses = []
-    for _ in range(30):
-        params, state, loss = scope["step"](params, state)
-        losses.append(float(loss))
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-
-
 def test_main_job_end_to_end_logs_offline_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     rc = main(

@@ -78,6 +78,7 @@ def _history(records) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # a real main job with validation and evaluation (~17 s)
 def test_offline_dashboard_has_outer_step_axis_eval_and_loadable_artifact(
     tmp_path, isolated_env, capsys
 ):
