@@ -163,13 +163,66 @@ def moment_features(
       The new accumulators and the raw feature rows (`MomentFeatures`).
     """
     n_decays = decays.shape[0]
-    d = decays.reshape((n_decays,) + (1,) * g.ndim)
-    m = ema(momenta, g[None], d, finite[None])
-    v = ema(rms, capped_square(g), rms_decay, finite)
+    m, v = advance_moments(g, finite, momenta, rms, decays, rms_decay)
     inv = jax.lax.rsqrt(v + EPS).reshape(1, -1)
     m_flat, g_flat = m.reshape(n_decays, -1), g.reshape(1, -1)
     parts = (p.reshape(1, -1), g_flat, m_flat, v.reshape(1, -1), m_flat * inv, g_flat * inv)
     return MomentFeatures(m, v, parts)
+
+
+def advance_moments(
+    g: jax.Array,
+    finite: jax.Array,
+    momenta: jax.Array,
+    rms: jax.Array,
+    decays: jax.Array,
+    rms_decay: float,
+) -> tuple[jax.Array, jax.Array]:
+    """One tensor's momenta and mean square advanced by its gradient (`moment_features`).
+
+    Args:
+      g: the gradient, non-finite entries already zeroed (`split_tree`).
+      finite: where the gradient was finite; elsewhere the accumulators are kept.
+      momenta: [n_decays, *shape] momenta before this step.
+      rms: the mean of squared gradients before this step.
+      decays: [n_decays] momentum decays.
+      rms_decay: decay of the mean of squared gradients.
+
+    Returns:
+      `(momenta, rms)` after this step.
+    """
+    d = decays.reshape((decays.shape[0],) + (1,) * g.ndim)
+    return ema(momenta, g[None], d, finite[None]), ema(rms, capped_square(g), rms_decay, finite)
+
+
+def moment_feature_arrays(
+    p: jax.Array, g: jax.Array, momenta: jax.Array, rms: jax.Array
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The raw features of `moment_features` as per-parameter arrays, and their squares.
+
+    The fused per-parameter networks (`lopt.fused`) take the features one array each, in
+    the order of `MomentFeatures.parts` (p, g, momenta, rms, momenta / sqrt(rms),
+    g / sqrt(rms)), and normalise them by the sums of `squares`. The squares of the ratio
+    features are written as m² / (rms + eps), not (m · rsqrt(rms + eps))², so the reduction
+    and the network share no expensive intermediate and XLA materialises none.
+
+    Args:
+      p: the parameter (float32).
+      g: its gradient, non-finite entries zeroed.
+      momenta: [n_decays, *shape] momenta after this step (`advance_moments`).
+      rms: the mean square after this step.
+
+    Returns:
+      `(features, squares)`: two lists of `num_moment_features(n_decays)` arrays of the
+      parameter's shape.
+    """
+    ms = [momenta[k] for k in range(momenta.shape[0])]
+    inv = jax.lax.rsqrt(rms + EPS)
+    features = [p, g, *ms, rms, *[m * inv for m in ms], g * inv]
+    denom = rms + EPS
+    squares = [p * p, g * g, *[m * m for m in ms], rms * rms]
+    squares += [m * m / denom for m in ms] + [g * g / denom]
+    return features, squares
 
 
 def progress_features(step: jax.Array, num_steps: jax.Array) -> jax.Array:

@@ -39,10 +39,13 @@ import jax.numpy as jnp
 
 from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
+    EPS,
     NUM_PROGRESS_FEATURES,
     WIDTH_SCALINGS,
+    advance_moments,
     float_leaves,
     join_updates,
+    moment_feature_arrays,
     moment_features,
     normalise_rows,
     num_moment_features,
@@ -53,6 +56,16 @@ from lopt.common import (
     tensor_features,
     width_scale,
 )
+from lopt.fused import elementwise_mlp, tensor_sums
+
+IMPLS = ("auto", "fused", "matmul")
+"""How a per-parameter network runs (`MLPLOpt.impl`)."""
+
+FUSED_MAX_MULTIPLY_ADDS = 600
+"""'auto' fuses networks with at most this many multiply-adds per parameter (16×2 with 12
+features: 480; 32×2: 1,472). Measured with the 967k-parameter ConvNet of
+`python -m evaluate.measure.lopt_cost` (docs/speed.md): fused updates were 3-9× faster than
+the matmul path up to 16×2, while 32×2 fused compiled for about 30 s and ran no faster."""
 
 
 class MLPLOptState(NamedTuple):
@@ -151,6 +164,14 @@ class MLPLOpt:
       feature_norm: normalise every per-parameter feature by its RMS over the tensor, so the
         update does not depend on the gradient's scale (True), or feed raw features (False:
         for comparison only).
+      impl: how the network runs, the same function either way (to float32 rounding):
+        'fused' computes each tensor's feature norms in one reduction, then features,
+        network and update in one elementwise pass (`lopt.fused`: no [features, N] or
+        [hidden, N] buffers); 'matmul' builds the feature rows of the whole tree and runs
+        the network as feature-major matmuls (`_apply_net`); 'auto' (the default) takes
+        'fused' for networks of at most `FUSED_MAX_MULTIPLY_ADDS` per parameter, where it
+        measured faster, and 'matmul' for wider ones, whose unrolled pass compiles slowly
+        and runs no faster (docs/speed.md).
     """
 
     hidden_size: int = 32
@@ -165,9 +186,12 @@ class MLPLOpt:
     width_ref: float = 64.0
     schedule_head: int = 0
     feature_norm: bool = True
+    impl: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.impl not in IMPLS:
+            problems.append(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.hidden_size < 1:
             problems.append(f"hidden_size must be >= 1, got {self.hidden_size}")
         if self.hidden_layers < 1:
@@ -197,6 +221,19 @@ class MLPLOpt:
     @property
     def num_per_param_features(self) -> int:
         return num_moment_features(len(self.momentum_decays))
+
+    @property
+    def multiply_adds(self) -> int:
+        """Multiply-adds of the per-parameter network per parameter (shared inputs aside)."""
+        h = self.hidden_size
+        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+
+    @property
+    def fused(self) -> bool:
+        """Whether updates run fused (`impl`)."""
+        if self.impl == "auto":
+            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
+        return self.impl == "fused"
 
     @property
     def num_shared_features(self) -> int:
@@ -235,6 +272,8 @@ class MLPLOpt:
 
         def update(grads, state: MLPLOptState, params, loss=None):
             del loss  # this optimizer does not use the loss
+            if self.fused:
+                return fused_update(grads, state, params)
             split = split_tree(grads, params, len(state.rms))
             momenta, rms, rows = [], [], []
             for p, g, finite, m, v in zip(
@@ -255,13 +294,52 @@ class MLPLOpt:
             sizes = [p.size for p in split.params]
             offsets = [sum(sizes[:k]) for k in range(len(sizes))]
             updates = [step[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
-            shapes = [p.shape for p in split.params]
+            scales = tensor_scales([p.shape for p in split.params], shared)
+            updates = [u * sc for u, sc in zip(updates, scales, strict=True)]
+            return join_updates(split, updates), new_state
+
+        def tensor_scales(shapes: list[tuple[int, ...]], shared: jax.Array) -> list[Any]:
+            """Each tensor's update multiplier: width scaling times the learned schedule."""
             scales = [width_scale(sh, self.width_scaling, self.width_ref) for sh in shapes]
             if self.schedule_head:
                 tensors = jnp.asarray(tensor_features(shapes))
                 head = schedule_head(theta["schedule_head"], shared, tensors)
                 scales = [sc * head[t] for t, sc in enumerate(scales)]
-            updates = [u * sc for u, sc in zip(updates, scales, strict=True)]
+            return scales
+
+        def fused_update(grads, state: MLPLOptState, params):
+            """`update` with the network fused per tensor (`lopt.fused`)."""
+            split = split_tree(grads, params, len(state.rms))
+            new_step = state.step + 1
+            if not split.index:  # no float leaves: nothing to update
+                return join_updates(split, []), MLPLOptState([], [], new_step, state.num_steps)
+            shared = progress_features(state.step, state.num_steps)
+            n_feats = self.num_per_param_features
+            w = theta["w_in"]
+            bias = shared @ w[n_feats:] + theta["b_in"]  # the shared features, once per step
+            step_mult = step_scale(self, state.step, state.num_steps, self.step_mult)
+            scales = tensor_scales([p.shape for p in split.params], shared)
+            momenta, rms, updates = [], [], []
+            for p, g, finite, m, v, scale in zip(
+                split.params,
+                split.grads,
+                split.finite,
+                state.momenta,
+                state.rms,
+                scales,
+                strict=True,
+            ):
+                m, v = advance_moments(g, finite, m, v, decays, self.rms_decay)
+                feats, squares = moment_feature_arrays(p, g, m, v)
+                w_feats = w[:n_feats]
+                if self.feature_norm:  # normalise_rows, folded into the first layer
+                    norms = jax.lax.rsqrt(tensor_sums(squares) / max(p.size, 1) + EPS)
+                    w_feats = w_feats * norms[:, None]
+                d, mag = elementwise_mlp(theta, feats, w_feats, bias)
+                momenta.append(m)
+                rms.append(v)
+                updates.append(step_mult * d * jnp.exp(self.exp_mult * mag) * scale)
+            new_state = MLPLOptState(momenta, rms, new_step, state.num_steps)
             return join_updates(split, updates), new_state
 
         return Optimizer(init, update)

@@ -108,6 +108,7 @@ def test_mixed_run_visits_every_kind_within_the_compile_bound_and_resumes_exactl
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~28 s: compiles the fused and the grouped step
 def test_grouped_step_gives_the_numbers_of_the_fused_step(tmp_path):
     # Fixed templates: one jitted call per group, then the update, equals one jitted call.
     run = _mixed_run(tmp_path, "meta.switch_every=0", "meta.task_groups=2")

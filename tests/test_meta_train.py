@@ -65,6 +65,7 @@ def _mean_training_loss(run, theta, steps=50):
     return float(np.mean(total))
 
 
+@pytest.mark.slow  # ~20 s of meta-training
 def test_a_few_outer_steps_lower_the_meta_loss(tmp_path):
     run = build_run(
         _config(tmp_path, "meta.outer_steps=120", "meta.outer_lr=1e-2", "run.checkpoint_every=1000")

@@ -1,0 +1,112 @@
+"""A per-parameter network as one elementwise pass: no [features, N] or [hidden, N] buffers.
+
+The per-parameter optimizers of the zoo feed every parameter a row of features, each
+normalised by its root mean square over the parameter's tensor, through a small MLP. Written
+feature-major (`lopt.mlp_lopt._apply_net`), the features and every hidden layer are
+materialised as [width, N] arrays and read back by matmuls: for a narrow network the update
+then costs far more memory traffic than the network's arithmetic. Here the same function is
+computed in two passes over a tensor:
+
+1. the per-feature sums of squares, in one variadic reduction (`tensor_sums`), so the
+   normalising factors are known before any feature is used;
+2. the network, unrolled into scalar-weight elementwise operations on per-parameter arrays
+   (`elementwise_mlp`), with the normalising factors folded into the first layer's weights
+   (``(f_i * s_i) @ W = f_i @ (s_i * W)``). XLA fuses the whole pass, from the optimizer
+   state to the update, into one loop: the temporary memory of an update is its outputs.
+
+The result equals the feature-major formulation to float32 rounding (summation order only;
+`tests/test_fused.py`). Cost grows with the network's size (hidden × (features + hidden)
+multiply-adds per parameter, unrolled at trace time), so small networks gain most; the
+choice between the two is measured by `python -m evaluate.measure.lopt_cost`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lopt.base import MetaParams
+
+# Elements per partial sum of `tensor_sums`: partial sums of this length keep float32
+# rounding of a million-element sum near that of a pairwise sum.
+_CHUNK = 512
+
+
+def tensor_sums(arrays: Sequence[jax.Array]) -> jax.Array:
+    """The sum of each of several same-size arrays, in one pass over them.
+
+    One variadic reduction reads every array once: a reduction per array would be a pass
+    per array, and XLA's CPU reductions materialise their inputs (a squared feature, say)
+    before reducing. Its inputs are fused into it, so a caller passes expressions (squares
+    of features) and nothing is written. It sums in two stages, partial sums of `_CHUNK`
+    elements and then their sum, for the accuracy of a pairwise sum.
+
+    Args:
+      arrays: k float32 arrays with the same number of elements (any shapes).
+
+    Returns:
+      [k] float32 sums.
+    """
+    n = arrays[0].size
+    chunk = _CHUNK if n >= 2 * _CHUNK else max(n, 1)
+    rows = -(-n // chunk)
+    # Zero padding adds nothing to a sum.
+    blocks = tuple(
+        jnp.pad(x.reshape(-1), (0, rows * chunk - n)).reshape(rows, chunk) for x in arrays
+    )
+    partial = jax.lax.reduce(
+        blocks,
+        tuple(jnp.float32(0) for _ in blocks),
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        (1,),
+    )
+    return jnp.stack([jnp.sum(p) for p in partial])
+
+
+def _dense(weights: jax.Array, bias: jax.Array, inputs: list[jax.Array]) -> list[jax.Array]:
+    """One dense layer unrolled: output j is sum_i weights[i, j] * inputs[i] + bias[j]."""
+    return [
+        sum(weights[i, j] * x for i, x in enumerate(inputs)) + bias[j]
+        for j in range(weights.shape[1])
+    ]
+
+
+def elementwise_mlp(
+    theta: MetaParams,
+    features: Sequence[jax.Array],
+    first_weights: jax.Array,
+    first_bias: jax.Array,
+) -> list[jax.Array]:
+    """The per-parameter network on per-parameter arrays, as elementwise operations.
+
+    The same function as `lopt.mlp_lopt._apply_net` (layer for layer: a ReLU first layer,
+    the flax ``Dense_i`` layers of θ, ReLU between them, none after the last), with the
+    first layer given separately so a caller can fold per-tensor factors and shared inputs
+    into it.
+
+    Args:
+      theta: the network's flax params (the ``Dense_i`` layers after the first are used).
+      features: the per-parameter inputs, each an array of the parameter's shape.
+      first_weights: [len(features), hidden] first-layer weights (normalising factors
+        folded in).
+      first_bias: [hidden] first-layer bias (the shared features' contribution added).
+
+    Returns:
+      The last layer's outputs, one array of the parameter's shape each (for the zoo's
+      networks: direction and log-magnitude).
+    """
+    layers = sorted((k for k in theta if k.startswith("Dense_")), key=lambda k: int(k[6:]))
+    weights = [(first_weights, first_bias)]
+    weights += [(theta[name]["kernel"], theta[name]["bias"]) for name in layers]
+    # θ closed over by a user's jit is a constant there, and XLA's constant folding would
+    # turn every scalar weight times an array into an array-sized constant (gigabytes for
+    # a 32×2 network): the barrier keeps the weights opaque to it, at no cost at run time.
+    weights = jax.lax.optimization_barrier(weights)
+    h = [jax.nn.relu(x) for x in _dense(*weights[0], list(features))]
+    for i, (kernel, bias) in enumerate(weights[1:]):
+        h = _dense(kernel, bias, h)
+        if i < len(weights) - 2:
+            h = [jax.nn.relu(x) for x in h]
+    return h

@@ -1,0 +1,212 @@
+"""The fused per-parameter network (lopt/fused.py, `MLPLOpt(impl="fused")`): the same
+function as the feature-major matmul formulation, without its [features, N] buffers."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt.export import load_optax
+from lopt.fused import tensor_sums
+from lopt.mlp_lopt import MLPLOpt
+from tests.lopt_cases import MODEL_TREES, perturbed_theta
+
+
+def _tree(key):
+    """Scalars, vectors, 2-D and 4-D kernels, low-precision and integer leaves."""
+    k = jax.random.split(key, 6)
+    return {
+        "bias": jax.random.normal(k[0], (7,)),
+        "conv": jax.random.normal(k[1], (3, 3, 4, 8)) * 0.2,
+        "count": jnp.array(3, jnp.int32),
+        "dense": jax.random.normal(k[2], (33, 17)) * 0.1,
+        "half": jax.random.normal(k[3], (9, 5)).astype(jnp.bfloat16),
+        "scale": jnp.asarray(1.5),
+        "wide": jax.random.normal(k[4], (1200, 3)).astype(jnp.float16),
+    }
+
+
+def _grads(params, key, non_finite: bool):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for x, k in zip(leaves, keys, strict=True):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            out.append(jnp.zeros_like(x))
+            continue
+        g = jax.random.normal(k, x.shape) * 0.3
+        if non_finite and g.ndim >= 1:
+            g = g.at[(0,) * g.ndim].set(jnp.nan).at[(-1,) * g.ndim].set(jnp.inf)
+        out.append(g.astype(x.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _run(lopt, theta, params, steps: int, non_finite: bool):
+    """Updates and states of `steps` jitted steps (params fixed, fresh gradients each)."""
+    opt = lopt.optimizer(theta)
+    state = opt.init(params, 50)
+    update = jax.jit(opt.update)
+    out = []
+    for i in range(steps):
+        grads = _grads(params, jax.random.PRNGKey(10 + i), non_finite)
+        updates, state = update(grads, state, params, jnp.float32(1.0))
+        out.append((updates, state))
+    return out
+
+
+def _assert_close(a, b, rtol=1e-5):
+    """Equal to float32 rounding; leaves of a lower precision to one unit in their last place
+    (the same float32 value rounded once more, to the parameter's dtype)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            rtol = max(rtol, float(jnp.finfo(x.dtype).eps))
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.float32)
+        scale = max(float(np.abs(y).max()), 1e-30)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale)
+
+
+_NAMES = ("feature_norm", "width_scaling", "schedule_head", "step_schedule")
+_DEFAULT_STAGE = ((True, "fan_in", 4, "cosine"), (False, "none", 0, "constant"))
+# The default stage checks every switch on and every switch off; the slow stage all 16.
+SWITCHES = [
+    pytest.param(
+        dict(zip(_NAMES, combo, strict=True)),
+        marks=() if combo in _DEFAULT_STAGE else pytest.mark.slow,
+        id="-".join(map(str, combo)),
+    )
+    for combo in itertools.product(
+        (True, False), ("none", "fan_in"), (0, 4), ("constant", "cosine")
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (8, 1),
+        pytest.param((4, 2), marks=pytest.mark.slow),
+        pytest.param((16, 2), marks=pytest.mark.slow),
+        pytest.param((8, 3), marks=pytest.mark.slow),
+        pytest.param((32, 2), marks=pytest.mark.slow),
+    ],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
+def test_fused_equals_matmul_for_every_network_size(size):
+    hidden, layers = size
+    fused = MLPLOpt(hidden_size=hidden, hidden_layers=layers, impl="fused")
+    matmul = MLPLOpt(hidden_size=hidden, hidden_layers=layers, impl="matmul")
+    theta = perturbed_theta(fused)
+    params = _tree(jax.random.PRNGKey(0))
+    for (u1, s1), (u2, s2) in zip(
+        _run(fused, theta, params, 3, False), _run(matmul, theta, params, 3, False), strict=True
+    ):
+        _assert_close(u1, u2)
+        _assert_close(s1, s2)
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
+def test_fused_equals_matmul_for_every_switch_with_non_finite_gradients(switches):
+    fused = MLPLOpt(
+        hidden_size=8, hidden_layers=2, step_schedule_final=0.1, impl="fused", **switches
+    )
+    matmul = MLPLOpt(
+        hidden_size=8, hidden_layers=2, step_schedule_final=0.1, impl="matmul", **switches
+    )
+    theta = perturbed_theta(fused)
+    params = _tree(jax.random.PRNGKey(1))
+    for (u1, s1), (u2, s2) in zip(
+        _run(fused, theta, params, 2, True), _run(matmul, theta, params, 2, True), strict=True
+    ):
+        _assert_close(u1, u2)
+        _assert_close(s1, s2)
+        for leaf in jax.tree.leaves(u1):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_params", MODEL_TREES)
+def test_fused_equals_matmul_on_user_model_trees(make_params):
+    fused = MLPLOpt(hidden_size=16, impl="fused")
+    matmul = MLPLOpt(hidden_size=16, impl="matmul")
+    theta = perturbed_theta(fused)
+    params = make_params()
+    (u1, s1), (u2, s2) = (
+        _run(fused, theta, params, 1, False)[0],
+        _run(matmul, theta, params, 1, False)[0],
+    )
+    _assert_close(u1, u2)
+    _assert_close(s1, s2)
+
+
+def test_auto_fuses_small_networks_only():
+    assert MLPLOpt(hidden_size=16, hidden_layers=2).fused  # 480 multiply-adds
+    assert MLPLOpt(hidden_size=8, hidden_layers=1).fused
+    assert not MLPLOpt().fused  # 32×2: 1,472
+    assert MLPLOpt(impl="fused").fused and not MLPLOpt(hidden_size=4, impl="matmul").fused
+    with pytest.raises(ValueError, match="impl must be one of"):
+        MLPLOpt(impl="pallas")
+
+
+@pytest.mark.slow  # the fused 32×2 network compiles for ~15 s
+def test_the_shipped_optimizer_gives_the_same_updates_either_way():
+    tx, theta, lopt = load_optax("checkpoints/mnist1d-mlp-pes", num_steps=400)
+    assert lopt.impl == "auto"  # a checkpoint saved before `impl` existed loads
+    fused = dataclasses.replace(lopt, impl="fused")
+    matmul = dataclasses.replace(lopt, impl="matmul")
+    params = _tree(jax.random.PRNGKey(2))
+    for (u1, _), (u2, _) in zip(
+        _run(fused, theta, params, 3, True), _run(matmul, theta, params, 3, True), strict=True
+    ):
+        _assert_close(u1, u2)
+
+
+def test_vmap_over_particles_equals_each_particle_alone():
+    lopt = MLPLOpt(hidden_size=8, hidden_layers=1, impl="fused")
+    theta = perturbed_theta(lopt)
+    opt = lopt.optimizer(theta)
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    params = jax.vmap(lambda k: {"w": jax.random.normal(k, (40, 16)), "b": jnp.zeros(16)})(keys)
+    grads = jax.tree.map(lambda p: jnp.cos(p * 3.0) + 0.1, params)
+    states = jax.vmap(lambda p: opt.init(p, 100))(params)
+    batched, _ = jax.jit(jax.vmap(opt.update))(grads, states, params)
+    for i in range(3):
+        one = jax.tree.map(lambda x, i=i: x[i], (grads, states, params))
+        alone, _ = jax.jit(opt.update)(*one)
+        _assert_close(jax.tree.map(lambda x, i=i: x[i], batched), alone)
+
+
+def test_tensor_sums_is_accurate_on_a_long_tensor():
+    x = jax.random.uniform(jax.random.PRNGKey(4), (1_000_003,), minval=0.5, maxval=1.5)
+    got = np.asarray(tensor_sums([x, 2.0 * x]))
+    exact = np.sum(np.asarray(x, np.float64))
+    np.testing.assert_allclose(got, [exact, 2 * exact], rtol=2e-6)
+    small = jnp.arange(5.0)  # shorter than a chunk: one partial sum
+    assert float(tensor_sums([small])[0]) == 10.0
+
+
+def _temp_bytes(lopt, theta, params) -> int:
+    """Temporary memory of one compiled update (state donated, as in a training loop)."""
+    opt = lopt.optimizer(theta)
+    state = opt.init(params, 100)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=(1,))
+    compiled = update.lower(params, state, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_the_fused_update_writes_no_per_parameter_buffers():
+    params = {"conv": jnp.ones((3, 3, 64, 64)), "dense": jnp.ones((512, 400)), "b": jnp.ones(400)}
+    n = sum(x.size for x in jax.tree.leaves(params))
+    lopt = MLPLOpt(hidden_size=8, hidden_layers=2, impl="fused")
+    theta = lopt.init_meta(jax.random.PRNGKey(0))
+    fused = _temp_bytes(lopt, theta, params)
+    matmul = _temp_bytes(dataclasses.replace(lopt, impl="matmul"), theta, params)
+    # Features and hidden units of the matmul path are [12 + 8 + 8, N] floats; the fused
+    # path keeps a few partial sums per tensor (and the masked gradient, at most 4 bytes).
+    assert fused <= 5 * n, f"fused update: {fused / n:.1f} temporary bytes per parameter"
+    assert matmul > 20 * n  # the bound can fail: the other formulation breaks it
