@@ -26,3 +26,23 @@ def _drop_compiled_programs():
     import jax  # noqa: PLC0415 - after the device count is set above
 
     jax.clear_caches()
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """wandb with no credentials, no real home and a dead server address, in case anything
+    tried to reach one; wandb's variables are restored afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in [v for v in os.environ if v.startswith("WANDB_") and v != "WANDB_SERVICE"]:
+        monkeypatch.delenv(var)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)  # undo restores what RunLogger sets
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    import meta_train.logging as mlog  # noqa: PLC0415 - after the device count is set
+
+    monkeypatch.setattr(mlog, "_ENV_SET_HERE", {})
+    return home

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 # The packages `lopt` must never import: it is what users install to load an optimizer.
 OUTSIDE_LOPT = ("meta_train", "evaluate", "tasks")
@@ -80,33 +78,6 @@ def test_the_bench_and_measure_packages_import_nothing_heavy():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
-
-
-# Every command-line module: `main(argv, prog)` shows `prog` in its usage and an example.
-COMMANDS = [
-    "evaluate.__main__",
-    "evaluate.bench.cli",
-    "evaluate.measure.speed",
-    "evaluate.measure.server_speed",
-    "evaluate.measure.lopt_cost",
-    "evaluate.measure.compare_estimators",
-    "evaluate.measure.compare_lopts",
-    "evaluate.measure.plot_runs",
-    "meta_train.synthetic",
-    "meta_train.diagnose",
-]
-
-
-@pytest.mark.parametrize("module", COMMANDS)
-def test_every_command_takes_argv_and_prog_and_shows_examples(module, capsys):
-    main = importlib.import_module(module).main
-    with pytest.raises(SystemExit) as info:
-        main(["--help"], prog="lopt x")
-    assert info.value.code == 0
-    text = capsys.readouterr().out
-    assert text.startswith("usage: lopt x")
-    examples = text.split("\nexamples:\n", 1)[1]
-    assert examples.lstrip().startswith("lopt x"), examples  # %(prog)s in the examples
 
 
 def test_python_m_evaluate_bench_still_runs():

@@ -12,27 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import meta_train.logging as mlog
 from meta_train.logging import ProgressBar, RunLogger, read_metrics
 
 CONFIG = {"meta": {"window": 20, "sigma": 0.01}, "run": {"name": "t"}}
-
-
-@pytest.fixture
-def isolated_env(tmp_path, monkeypatch):
-    """No credentials, no real home, and a dead server address in case anything tried."""
-    home = tmp_path / "home"
-    home.mkdir()
-    for var in [v for v in os.environ if v.startswith("WANDB_") and v != "WANDB_SERVICE"]:
-        monkeypatch.delenv(var)
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.delenv(var, raising=False)  # undo restores what RunLogger sets
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / "netrc"))
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setattr(mlog, "_ENV_SET_HERE", {})
-    return home
 
 
 def read_lines(path):

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-import meta_train.logging as mlog
 from lopt.checkpoint import load_theta
 from lopt.export import (
     ARTIFACT_TYPE,
@@ -46,23 +44,6 @@ TINY = [  # as tests/test_meta_train.py's TINY, with wandb offline, validation a
     "eval.adam_lrs=[1e-3, 1e-2]",
     "eval.num_steps=20",
 ]
-
-
-@pytest.fixture
-def isolated_env(tmp_path, monkeypatch):
-    """No credentials, no real home, a dead server address; wandb's variables restored."""
-    home = tmp_path / "home"
-    home.mkdir()
-    for var in [v for v in os.environ if v.startswith("WANDB_") and v != "WANDB_SERVICE"]:
-        monkeypatch.delenv(var)
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.delenv(var, raising=False)  # undo restores what RunLogger sets
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / "netrc"))
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setattr(mlog, "_ENV_SET_HERE", {})
-    return home
 
 
 def _history(records) -> list[dict]:
