@@ -99,7 +99,14 @@ from lopt.common import (
     progress_features,
     split_tree,
 )
-from lopt.mlp_lopt import _apply_net, _PerParamMLP, hidden_and_output
+from lopt.fused import elementwise_mlp, tensor_sums
+from lopt.mlp_lopt import (
+    FUSED_MAX_MULTIPLY_ADDS,
+    IMPLS,
+    _apply_net,
+    _PerParamMLP,
+    hidden_and_output,
+)
 
 # Guards divisions by a mean that is zero only when every accumulator of a tensor is zero.
 _TINY = 1e-30
@@ -415,6 +422,72 @@ def _steps(
     return [out[i] for i in range(len(inputs))]
 
 
+def _feature_list(x: _Inputs, slow: int) -> list[jax.Array]:
+    """`_features`' per-parameter features as one [a, b] expression each (row and column
+    features aside): built from [a, 1] and [1, b] factors feature by feature, never as
+    [K, a, b] or [R, a, b] stacks, which XLA would write out to feed both the reduction
+    and the network."""
+    n_rms = x.sr.shape[0]
+
+    def u(r):  # the factored rsqrt(v) at rms decay r
+        return jax.lax.rsqrt(x.sr[r] * x.sr[r] + EPS) * x.inv_c[r]
+
+    moms = [x.m[k] for k in range(x.m.shape[0])]
+    return [
+        x.p,
+        x.g,
+        *moms,
+        *(x.sr[r] * x.sqrt_c[r] for r in range(n_rms)),
+        *(_clip(m * u(slow)) for m in moms),
+        *(_clip(x.g * u(r)) for r in range(n_rms)),
+    ]
+
+
+def _fused_steps(
+    theta: MetaParams,
+    inputs: list[_Inputs],
+    shared: jax.Array,
+    scale: Any,
+    exp_mult: float,
+    slow: int,
+) -> list[jax.Array]:
+    """`_steps` with the network fused per tensor (`lopt.fused`): the same function.
+
+    Per tensor, the sums of squares of its features come first, in one reduction
+    (`lopt.fused.tensor_sums`; the row and column features, constant along one axis, from
+    their [a] and [b] vectors), and are folded into the first layer's weights; then the
+    features, the network and the step are one elementwise pass over the [a, b] view, with
+    the row and column features entering as [a, 1] and [1, b] broadcasts. Nothing of size
+    [F, N] or [hidden, N] is written.
+
+    Args:
+      theta: the network's flax params.
+      inputs: per float leaf, its feature inputs.
+      shared: [n_shared] progress features.
+      scale: the step multiplier (a scalar).
+      exp_mult: scale of the log-magnitude output.
+      slow: index of the slowest rms decay.
+
+    Returns:
+      Per float leaf, its [a, b] steps.
+    """
+    w = theta["w_in"]
+    n_feats = w.shape[0] - shared.shape[0]
+    bias = shared @ w[n_feats:] + theta["b_in"]  # the shared features, once per step
+    steps = []
+    for x in inputs:
+        a, b = x.g.shape
+        feats = _feature_list(x, slow)
+        row, col = x.inv_r[0], x.inv_c[slow]  # [a, 1] and [1, b]
+        # Mean squares over the tensor: a row feature is repeated b times, a column one a.
+        sums = tensor_sums([jnp.square(f) for f in feats]) / (a * b)
+        edge = jnp.stack([jnp.mean(jnp.square(row)), jnp.mean(jnp.square(col))])
+        norms = jax.lax.rsqrt(jnp.concatenate([sums, edge]) + EPS)
+        d, mag = elementwise_mlp(theta, [*feats, row, col], w[:n_feats] * norms[:, None], bias)
+        steps.append(scale * d * jnp.exp(exp_mult * mag))
+    return steps
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaFacLOpt:
     """Per-parameter MLP learned optimizer with Adafactor-style factored features (AdaFac).
@@ -432,6 +505,11 @@ class AdaFacLOpt:
       step_schedule: 'constant' or 'cosine': the fixed multiplier of the update over the
         declared horizon (`lopt.base.step_schedule`).
       step_schedule_final: the cosine schedule's multiplier at the horizon, in [0, 1].
+      impl: how the network runs, the same function either way (to float32 rounding):
+        'fused' (`_fused_steps`: per-tensor reductions, then one elementwise pass),
+        'matmul' (`_steps`: feature-major matmuls over blocks of parameters) or 'auto'
+        (the default): 'fused' for networks of at most
+        `lopt.mlp_lopt.FUSED_MAX_MULTIPLY_ADDS` per parameter, as for `MLPLOpt`.
     """
 
     hidden_size: int = 8
@@ -442,9 +520,12 @@ class AdaFacLOpt:
     exp_mult: float = 1e-3
     step_schedule: str = "constant"
     step_schedule_final: float = 0.0
+    impl: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.impl not in IMPLS:
+            problems.append(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not (isinstance(self.hidden_size, int) and self.hidden_size >= 1):
             problems.append(f"hidden_size must be an integer >= 1, got {self.hidden_size!r}")
         if not (isinstance(self.hidden_layers, int) and self.hidden_layers >= 1):
@@ -475,6 +556,19 @@ class AdaFacLOpt:
     @property
     def num_shared_features(self) -> int:
         return NUM_PROGRESS_FEATURES
+
+    @property
+    def multiply_adds(self) -> int:
+        """Multiply-adds of the per-parameter network per parameter (shared inputs aside)."""
+        h = self.hidden_size
+        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+
+    @property
+    def fused(self) -> bool:
+        """Whether updates run fused (`impl`)."""
+        if self.impl == "auto":
+            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
+        return self.impl == "fused"
 
     @property
     def num_meta_params(self) -> int:
@@ -566,7 +660,8 @@ class AdaFacLOpt:
                 return join_updates(split, []), new_state
             scale = step_scale(self, state.step, state.num_steps, self.step_mult)
             shared = progress_features(state.step, state.num_steps)
-            steps = _steps(theta, inputs, shared, scale, self.exp_mult, slow)
+            run = _fused_steps if self.fused else _steps
+            steps = run(theta, inputs, shared, scale, self.exp_mult, slow)
             return join_updates(split, steps), new_state
 
         return Optimizer(init, update)

@@ -88,7 +88,8 @@ def elementwise_mlp(
 
     Args:
       theta: the network's flax params (the ``Dense_i`` layers after the first are used).
-      features: the per-parameter inputs, each an array of the parameter's shape.
+      features: the per-parameter inputs, each an array of the parameter's shape (or one
+        that broadcasts to it, after the first).
       first_weights: [len(features), hidden] first-layer weights (normalising factors
         folded in).
       first_bias: [hidden] first-layer bias (the shared features' contribution added).
@@ -100,13 +101,30 @@ def elementwise_mlp(
     layers = sorted((k for k in theta if k.startswith("Dense_")), key=lambda k: int(k[6:]))
     weights = [(first_weights, first_bias)]
     weights += [(theta[name]["kernel"], theta[name]["bias"]) for name in layers]
+    return elementwise_layers(weights, features)
+
+
+def elementwise_layers(
+    layers: Sequence[tuple[jax.Array, jax.Array]], features: Sequence[jax.Array]
+) -> list[jax.Array]:
+    """An MLP given as its layers' (kernel [in, out], bias [out]), ReLU between layers and
+    none after the last, on per-parameter arrays as elementwise operations.
+
+    Args:
+      layers: the layers' weights, input first.
+      features: the per-parameter inputs (the first of the parameter's shape, the others of
+        it or broadcasting to it).
+
+    Returns:
+      The last layer's outputs, one array of the parameter's shape each.
+    """
     # θ closed over by a user's jit is a constant there, and XLA's constant folding would
     # turn every scalar weight times an array into an array-sized constant (gigabytes for
     # a 32×2 network): the barrier keeps the weights opaque to it, at no cost at run time.
-    weights = jax.lax.optimization_barrier(weights)
-    h = [jax.nn.relu(x) for x in _dense(*weights[0], list(features))]
-    for i, (kernel, bias) in enumerate(weights[1:]):
+    weights = jax.lax.optimization_barrier(list(layers))
+    h = list(features)
+    for i, (kernel, bias) in enumerate(weights):
         h = _dense(kernel, bias, h)
-        if i < len(weights) - 2:
+        if i < len(weights) - 1:
             h = [jax.nn.relu(x) for x in h]
     return h

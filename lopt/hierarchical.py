@@ -86,18 +86,23 @@ import numpy as np
 
 from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
 from lopt.common import (
+    EPS,
     NUM_PROGRESS_FEATURES,
+    advance_moments,
     capped_square,
     ema,
     fan_in,
     float_leaves,
     join_updates,
+    moment_feature_arrays,
     moment_features,
     normalise_rows,
     num_moment_features,
     progress_features,
     split_tree,
 )
+from lopt.fused import elementwise_layers, tensor_sums
+from lopt.mlp_lopt import FUSED_MAX_MULTIPLY_ADDS, IMPLS
 
 MIXINGS = ("softmax", "linear")
 # Log features are clipped to ±LOG_CLIP (float32 spans e^±88) and scaled by LOG_SCALE, so
@@ -193,6 +198,44 @@ def _apply_bank(bank: MetaParams, x: jax.Array, mix: jax.Array) -> jax.Array:
     return h
 
 
+def _fused_tensor_inputs(
+    p: jax.Array, g: jax.Array, finite: jax.Array, m: jax.Array, v: jax.Array
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """One tensor's per-parameter features (one array each), their normalising factors and
+    its summary means, all sums in one reduction (`lopt.fused.tensor_sums`).
+
+    The same numbers as `HierarchicalLOpt._prepare`'s matmul path (`normalise_rows` of
+    `moment_features`, and the summaries' means), to float32 rounding.
+
+    Args:
+      p: the parameter (float32).
+      g: its gradient, non-finite entries zeroed.
+      finite: where the gradient was finite.
+      m: [n_decays, *shape] momenta after this step.
+      v: the mean square after this step.
+
+    Returns:
+      `(features, norms, means)`: the raw features, [features] rsqrt of their mean squares
+      (+ eps), and the [5 + 2 * n_decays] summary means.
+    """
+    feats, squares = moment_feature_arrays(p, g, m, v)
+    n_decays = m.shape[0]
+    ms = [m[k] for k in range(n_decays)]
+    mid = ms[n_decays // 2]
+    summed = [
+        jnp.abs(g),
+        *(capped_square(x) for x in ms),
+        v,
+        capped_square(p),
+        *(jnp.sign(g) * jnp.sign(x) for x in ms),
+        jnp.abs(mid * jax.lax.rsqrt(v + EPS)),
+        jnp.where(finite, 0.0, 1.0),
+    ]
+    means = tensor_sums([*squares, *summed]) / max(g.size, 1)
+    n_f = len(feats)
+    return feats, jax.lax.rsqrt(means[:n_f] + EPS), means[n_f:]
+
+
 @dataclasses.dataclass(frozen=True)
 class HierarchicalLOpt:
     """Hierarchical learned optimizer (VeLO style): a per-tensor LSTM that mixes a bank of
@@ -218,6 +261,13 @@ class HierarchicalLOpt:
       batch_below: tensors with fewer entries run together through the bank in one batched
         computation; larger ones apply their own mixed weights (the same function, computed
         faster for them: see the module docstring). 0 applies every tensor's own weights.
+        Used by the 'matmul' implementation only.
+      impl: how the per-parameter network runs, the same function either way (to float32
+        rounding): 'fused' (each tensor's feature norms and summaries in one reduction,
+        then its own mixture of the bank's weights applied in one elementwise pass,
+        `lopt.fused`), 'matmul' (feature-major matmuls, small tensors batched through the
+        bank) or 'auto' (the default): 'fused' for per-parameter networks of at most
+        `lopt.mlp_lopt.FUSED_MAX_MULTIPLY_ADDS`, as for `MLPLOpt`.
     """
 
     lstm_hidden: int = 32
@@ -235,9 +285,12 @@ class HierarchicalLOpt:
     step_schedule: str = "constant"
     step_schedule_final: float = 0.0
     batch_below: int = 1024
+    impl: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.impl not in IMPLS:
+            problems.append(f"impl must be one of {IMPLS}, got {self.impl!r}")
         for name in ("lstm_hidden", "hidden_size", "hidden_layers", "num_mix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -265,6 +318,19 @@ class HierarchicalLOpt:
     @property
     def num_per_param_features(self) -> int:
         return num_moment_features(len(self.momentum_decays))
+
+    @property
+    def multiply_adds(self) -> int:
+        """Multiply-adds of the (mixed) per-parameter network per parameter."""
+        h = self.hidden_size
+        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+
+    @property
+    def fused(self) -> bool:
+        """Whether updates run fused (`impl`)."""
+        if self.impl == "auto":
+            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
+        return self.impl == "fused"
 
     @property
     def tensor_feature_names(self) -> tuple[str, ...]:
@@ -390,7 +456,9 @@ class HierarchicalLOpt:
         Returns:
           `(split, new_state, rows, x_t)`: the split tree; the new state with the LSTM state
           not yet advanced; per float leaf its normalised per-parameter features
-          [num_per_param_features, size]; the per-tensor LSTM input [T, D].
+          [num_per_param_features, size] (fused: its raw features, one array each, and
+          their normalising factors [num_per_param_features]); the per-tensor LSTM input
+          [T, D].
         """
         if loss is None:
             raise ValueError(
@@ -404,6 +472,14 @@ class HierarchicalLOpt:
         for p, g, finite, m, v in zip(
             split.params, split.grads, split.finite, state.momenta, state.rms, strict=True
         ):
+            if self.fused:
+                m, v = advance_moments(g, finite, m, v, decays, self.rms_decay)
+                momenta.append(m)
+                rms.append(v)
+                feats, norms, means = _fused_tensor_inputs(p, g, finite, m, v)
+                rows.append((feats, norms))
+                stats.append(means)
+                continue
             mf = moment_features(p, g, finite, m, v, decays, self.rms_decay)
             momenta.append(mf.momenta)
             rms.append(mf.rms)
@@ -520,6 +596,35 @@ class HierarchicalLOpt:
             out.append(scale[t] * h[0] * jnp.exp(self.exp_mult * h[1]))
         return out
 
+    def _apply_fused(self, theta, inputs, mix, scale, context) -> list[jax.Array]:
+        """Updates of tensors, each through its own mixture of the bank's weights as one
+        elementwise pass (`lopt.fused.elementwise_layers`), its normalising factors and
+        context folded into the first layer.
+
+        Args:
+          theta: the meta-parameters.
+          inputs: per tensor, its raw features (one array each) and their normalising
+            factors.
+          mix: [T, num_mix] the tensors' mixing weights.
+          scale: [T] the tensors' step sizes (step_mult and schedules included).
+          context: [T, num_context] the tensors' context values.
+
+        Returns:
+          Per tensor, its float32 update, of the parameter's shape.
+        """
+        layers = _bank_layers(theta["bank"])
+        ws = [jnp.einsum("tk,kio->tio", mix, layer["w"]) for layer in layers]
+        bs = [mix @ layer["b"] for layer in layers]
+        n_f = self.num_per_param_features
+        b0 = jnp.einsum("tc,tco->to", context, ws[0][:, n_f:]) + bs[0]
+        out = []
+        for t, (feats, norms) in enumerate(inputs):
+            weights = [(ws[0][t, :n_f] * norms[:, None], b0[t])]
+            weights += [(ws[j][t], bs[j][t]) for j in range(1, len(layers))]
+            d, mag = elementwise_layers(weights, feats)
+            out.append(scale[t] * d * jnp.exp(self.exp_mult * mag))
+        return out
+
     def optimizer(self, theta: MetaParams) -> Optimizer:
         """Returns the optimizer with meta-parameters `theta`."""
         n_decays = len(self.momentum_decays)
@@ -561,6 +666,9 @@ class HierarchicalLOpt:
             scale = step_mult * tensor_mult
             # Per-parameter level: small tensors batched through the bank, larger ones each
             # with its own mixture of the bank's weights (see the module docstring).
+            if self.fused:
+                updates = self._apply_fused(theta, rows, mix, scale, context)
+                return join_updates(split, updates), new_state
             updates = [None] * num_t
             small = [t for t, p in enumerate(split.params) if p.size < self.batch_below]
             large = [t for t in range(num_t) if t not in small]

@@ -14,6 +14,7 @@ from meta_train.config import Config
 from meta_train.devices import (
     estimator_shardings,
     shard_learner_state,
+    wait_if_collectives,
     with_shardings,
 )
 from meta_train.estimators import WindowObjective, make_estimator
@@ -147,9 +148,9 @@ class Run:
           The flat meta-gradient, the new particles and the window's metrics.
         """
         if not self.switching:
-            return estimate_step(self.estimator, est_state, theta, key)
+            return wait_if_collectives(estimate_step(self.estimator, est_state, theta, key))
         est_state, estimators = self._groups_at(est_state, theta, step)
-        return grouped_estimate(estimators, est_state, theta, key)
+        return wait_if_collectives(grouped_estimate(estimators, est_state, theta, key))
 
     def estimate_flat(self, est_state, flat_theta, unravel, key: jax.Array, step: int):
         """`estimate` as a gradient worker calls it: θ flat (`unravel` rebuilds it) and the
@@ -160,7 +161,9 @@ class Run:
           one copy to the host) and the next key.
         """
         if not self.switching:
-            return flat_estimate_step(self.estimator, unravel, est_state, flat_theta, key)
+            return wait_if_collectives(
+                flat_estimate_step(self.estimator, unravel, est_state, flat_theta, key)
+            )
         key, sub = jax.random.split(key)
         theta = jax.jit(unravel)(flat_theta)  # one dispatch, not one per leaf
         grad, est_state, metrics = self.estimate(est_state, theta, sub, step)
@@ -182,9 +185,11 @@ class Run:
         step waits for the device) from `state` (consumed): switches a group's template first
         when the schedule says so, then estimates and applies the meta-gradient."""
         if not self.switching:
-            return fused_outer_step(self.estimator, state, self.outer_opt)
-        est_state, estimators = self._groups_at(state.est_state, state.theta, step)
-        return grouped_outer_step(estimators, state.replace(est_state=est_state), self.outer_opt)
+            out = fused_outer_step(self.estimator, state, self.outer_opt)
+        else:
+            est_state, estimators = self._groups_at(state.est_state, state.theta, step)
+            out = grouped_outer_step(estimators, state.replace(est_state=est_state), self.outer_opt)
+        return wait_if_collectives(out)
 
     def _groups_at(self, est_state, theta, step: int):
         """(`est_state` with the group the schedule switches at `step` fresh on its new

@@ -131,3 +131,30 @@ def test_a_run_resumes_under_another_device_count(tmp_path):
     two_devices("--resume", "meta.outer_steps=6")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and all(np.isfinite(r["meta_loss"]) for r in rows)
+
+
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from meta_train.build import build_run
+    from meta_train.config import load_config
+    run = build_run(load_config(None, json.loads(sys.argv[1])))
+    state = run.init_state()
+    for i in range(400):  # dispatched back to back: no sync in this loop
+        state, metrics = run.outer_step(state, i)
+    jax.block_until_ready(state.theta)
+    print(json.dumps({"devices": len(jax.devices()), "meta_loss": float(metrics["meta_loss"])}))
+    """
+)
+
+
+@pytest.mark.slow  # ~15 s; without `wait_if_collectives` it aborts after a 40 s rendezvous
+def test_outer_steps_dispatched_back_to_back_on_two_devices_never_deadlock():
+    # Before the fix, XLA's CPU all-reduce rendezvous timed out (process abort, rc 134)
+    # within 400 outer steps of such a loop (2 runs of 2 with this config, 2 of 2 with the
+    # default config), and `python -m evaluate.measure.server_speed --ways in_process_all` 4 of 4.
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    got = run_json_script(LOOP_SCRIPT, TINY, env)
+    assert got["devices"] == 2
+    assert np.isfinite(got["meta_loss"])

@@ -1,5 +1,6 @@
-"""The fused per-parameter network (lopt/fused.py, `MLPLOpt(impl="fused")`): the same
-function as the feature-major matmul formulation, without its [features, N] buffers."""
+"""The fused per-parameter networks (lopt/fused.py; `impl="fused"` of `MLPLOpt`, `AdaFacLOpt`
+and `HierarchicalLOpt`): the same function as the feature-major matmul formulation, without
+its [features, N] buffers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lopt.adafac import AdaFacLOpt
 from lopt.export import load_optax
 from lopt.fused import tensor_sums
+from lopt.hierarchical import HierarchicalLOpt
 from lopt.mlp_lopt import MLPLOpt
 from tests.lopt_cases import MODEL_TREES, perturbed_theta
 
@@ -194,7 +197,7 @@ def _temp_bytes(lopt, theta, params) -> int:
     """Temporary memory of one compiled update (state donated, as in a training loop)."""
     opt = lopt.optimizer(theta)
     state = opt.init(params, 100)
-    update = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=(1,))
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, jnp.float32(1.0)), donate_argnums=(1,))
     compiled = update.lower(params, state, params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -210,3 +213,79 @@ def test_the_fused_update_writes_no_per_parameter_buffers():
     # path keeps a few partial sums per tensor (and the masked gradient, at most 4 bytes).
     assert fused <= 5 * n, f"fused update: {fused / n:.1f} temporary bytes per parameter"
     assert matmul > 20 * n  # the bound can fail: the other formulation breaks it
+
+
+# AdaFac and the hierarchical optimizer: the same fused pass (`lopt.adafac._fused_steps`,
+# `HierarchicalLOpt._apply_fused`), the same function as their matmul paths.
+def _big_tree(key):
+    """`_tree` plus a tensor above AdaFac's block size (its matmul path then loops)."""
+    params = _tree(key)
+    params["big"] = jax.random.normal(jax.random.fold_in(key, 9), (300, 100)) * 0.05
+    return params
+
+
+OTHER_KINDS = [
+    pytest.param(AdaFacLOpt, {}, id="adafac"),
+    pytest.param(
+        AdaFacLOpt,
+        {"hidden_size": 4, "hidden_layers": 1, "step_schedule": "cosine"},
+        id="adafac-4x1-cosine",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(HierarchicalLOpt, {}, id="hierarchical"),
+    pytest.param(
+        HierarchicalLOpt,
+        {"hidden_layers": 2, "mixing": "linear", "batch_below": 0, "step_schedule": "cosine"},
+        id="hierarchical-2-layers-linear",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize(("cls", "options"), OTHER_KINDS)
+def test_other_kinds_fused_equal_matmul_with_non_finite_gradients(cls, options):
+    fused, matmul = cls(impl="fused", **options), cls(impl="matmul", **options)
+    assert cls(**options).fused  # 'auto' fuses the defaults
+    theta = perturbed_theta(fused)
+    params = _big_tree(jax.random.PRNGKey(6))
+    for non_finite in (False, True):
+        for (u1, s1), (u2, s2) in zip(
+            _run(fused, theta, params, 2, non_finite),
+            _run(matmul, theta, params, 2, non_finite),
+            strict=True,
+        ):
+            _assert_close(u1, u2)
+            _assert_close(s1, s2)
+            for leaf in jax.tree.leaves(u1):
+                assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+
+
+@pytest.mark.parametrize(("cls", "bound"), [(AdaFacLOpt, 8), (HierarchicalLOpt, 9)])
+def test_other_kinds_fused_write_no_per_parameter_feature_buffers(cls, bound):
+    params = {"conv": jnp.ones((3, 3, 64, 64)), "dense": jnp.ones((512, 400)), "b": jnp.ones(400)}
+    n = sum(x.size for x in jax.tree.leaves(params))
+    lopt = cls(impl="fused")
+    theta = lopt.init_meta(jax.random.PRNGKey(0))
+    fused = _temp_bytes(lopt, theta, params)
+    matmul = _temp_bytes(dataclasses.replace(lopt, impl="matmul"), theta, params)
+    # Measured at 6.8 (AdaFac) and 8.2 (hierarchical) bytes per parameter: the masked
+    # gradient and its capped square (AdaFac's row and column means read it twice); the
+    # matmul paths 28.5 and 66.
+    assert fused <= bound * n, f"fused update: {fused / n:.1f} temporary bytes per parameter"
+    assert matmul > 2 * fused
+
+
+def test_other_kinds_vmap_over_particles():
+    for lopt in (AdaFacLOpt(impl="fused"), HierarchicalLOpt(impl="fused")):
+        theta = perturbed_theta(lopt)
+        opt = lopt.optimizer(theta)
+        keys = jax.random.split(jax.random.PRNGKey(7), 2)
+        params = jax.vmap(lambda k: {"w": jax.random.normal(k, (40, 16)), "b": jnp.zeros(16)})(keys)
+        grads = jax.tree.map(lambda p: jnp.cos(p * 3.0) + 0.1, params)
+        states = jax.vmap(lambda p, o=opt: o.init(p, 100))(params)
+        loss = jnp.ones(2)
+        batched, _ = jax.jit(jax.vmap(opt.update))(grads, states, params, loss)
+        for i in range(2):
+            one = jax.tree.map(lambda x, i=i: x[i], (grads, states, params, loss))
+            alone, _ = jax.jit(opt.update)(*one)
+            _assert_close(jax.tree.map(lambda x, i=i: x[i], batched), alone)

@@ -5,8 +5,9 @@
 
 For every learned optimizer of `lopt.registry.LOPTS` (default options, a fresh θ), every
 `--lopt` variant (e.g. `--lopt mlp-small=mlp:hidden_size=8,hidden_layers=1`) and
-`optax.adam`, on the parameters of a ~1M-parameter ConvNet (three 3×3 convolutions and two
-dense layers on 32×32×3 inputs: 967,130 parameters), reports:
+`optax.adam`, on the parameters of a ConvNet (`--model`: 1m, three 3×3 convolutions and two
+dense layers on 32×32×3 inputs, 967,130 parameters; or 10m, wider, with three dense layers,
+10,193,034 parameters), reports:
 
 - the wall time of one jitted `update` (gradients, state and params in, updates and state
   out; buffers donated, as in a training loop) relative to Adam's: rounds alternate between
@@ -46,21 +47,37 @@ TARGETS = {"mlp": 3.0, "adafac": 3.0, "hierarchical": 4.0}
 
 
 class CostNet(nn.Module):
-    """The benchmark's model: 967,130 parameters in conv kernels, dense kernels and biases."""
+    """The benchmark's models: three 3×3 convolutions with 2×2 max-pooling on 32×32×3
+    inputs, then dense layers; conv kernels, dense kernels and biases.
+
+    Attributes:
+      channels: the convolutions' output channels.
+      dense: the hidden dense layers' widths (a 10-way output layer follows).
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    dense: tuple[int, ...] = (880,)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for features in (32, 64, 64):
+        for features in self.channels:
             x = nn.relu(nn.Conv(features, (3, 3))(x))
             x = nn.max_pool(x, (2, 2), (2, 2))
-        x = x.reshape(x.shape[0], -1)  # 4×4×64 = 1024
-        x = nn.relu(nn.Dense(880)(x))
+        x = x.reshape(x.shape[0], -1)  # 4×4×channels
+        for width in self.dense:
+            x = nn.relu(nn.Dense(width)(x))
         return nn.Dense(10)(x)
 
 
-def cost_params(key: jax.Array) -> Any:
-    """The model's parameters (float32)."""
-    return CostNet().init(key, jnp.zeros((1, 32, 32, 3)))["params"]
+MODELS = {  # name: the model (its parameter count in the name)
+    "1m": CostNet(),  # 967,130 parameters
+    "10m": CostNet(channels=(64, 128, 128), dense=(4096, 384)),  # 10,193,034 parameters
+}
+
+
+def cost_params(key: jax.Array, model: str = "1m") -> Any:
+    """The parameters (float32) of `MODELS[model]`."""
+    return MODELS[model].init(key, jnp.zeros((1, 32, 32, 3)))["params"]
 
 
 def num_params(tree: Any) -> int:
@@ -153,6 +170,7 @@ def measure(
     rounds: int = 5,
     calls: int = 20,
     seed: int = 0,
+    model: str = "1m",
 ) -> dict[str, dict[str, Any]]:
     """Update time relative to Adam and state bytes per parameter of each kind.
 
@@ -162,6 +180,7 @@ def measure(
       rounds: alternating rounds (each times every optimizer once).
       calls: updates per timing.
       seed: seeds θ, parameters and gradients.
+      model: which of `MODELS` the parameters are those of.
 
     Returns:
       Per name ('adam' and each kind): seconds per update (median over rounds), ratio to
@@ -172,7 +191,7 @@ def measure(
     from lopt.registry import make_lopt  # noqa: PLC0415
 
     k_params, k_grads, k_theta = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = cost_params(k_params)
+    params = cost_params(k_params, model)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(k_grads, len(leaves))
     grads = jax.tree.unflatten(
@@ -214,6 +233,7 @@ def measure(
         out[name] = row
     out["_meta"] = {
         "num_params": n,
+        "model": model,
         "rounds": rounds,
         "calls": calls,
         "device": str(jax.devices()[0]),
@@ -248,6 +268,7 @@ _EXAMPLES = """\
 examples:
   %(prog)s
   %(prog)s --kinds mlp,adafac --lopt mlp-small=mlp:hidden_size=8,hidden_layers=1 --rounds 7
+  %(prog)s --model 10m --kinds mlp
 """
 
 
@@ -277,6 +298,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="NAME=KIND:KEY=VALUE,...",
         help="a learned optimizer with options (repeatable)",
     )
+    p.add_argument("--model", choices=sorted(MODELS), default="1m", help="parameters of")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -291,7 +313,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"unknown kinds {unknown}; known: {sorted(LOPTS)}")
     if args.rounds < 1 or args.calls < 1:
         p.error("--rounds and --calls must be >= 1")
-    results = measure(variants, args.rounds, args.calls)
+    results = measure(variants, args.rounds, args.calls, model=args.model)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
