@@ -87,7 +87,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
+from lopt.base import MetaParams, Optimizer, check_num_steps, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -607,6 +607,7 @@ class AdaFacLOpt:
         slow = max(range(n_rms), key=lambda i: self.rms_decays[i])  # the slowest decay
 
         def init(params, num_steps) -> AdaFacLOptState:
+            check_num_steps(num_steps)
             leaves = float_leaves(params)
             views = [matrix_shape(p.shape) for p in leaves]
             return AdaFacLOptState(

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MetaParams = Any
 Params = Any
@@ -124,3 +125,34 @@ def step_scale(lopt: Any, step: jax.Array, num_steps: jax.Array, mult: Any = 1.0
         * step_schedule(lopt.step_schedule, step, num_steps, lopt.step_schedule_final)
         * past_horizon_decay(step, num_steps)
     )
+
+
+def check_num_steps(num_steps: Any) -> None:
+    """Rejects a declared horizon below 1 where it is known at trace time.
+
+    Every kind's `init(params, num_steps)` calls it: a horizon of 0 or -1 would otherwise
+    be clamped to 1 inside the schedules and train with the progress features of a 1-step
+    run, silently. A traced horizon (meta-training samples horizons inside `jit`) is not
+    checked here; the schedules clamp it.
+
+    Args:
+      num_steps: the declared training horizon: an int, a NumPy or JAX integer scalar, or
+        a tracer.
+
+    Raises:
+      ValueError: for a concrete horizon below 1, or a non-integer one.
+    """
+    if isinstance(num_steps, jax.core.Tracer):
+        return
+    value = np.asarray(num_steps)
+    if value.shape != () or not (
+        np.issubdtype(value.dtype, np.integer)
+        or (np.issubdtype(value.dtype, np.floating) and float(value).is_integer())
+    ):
+        raise ValueError(
+            f"num_steps must be an integer >= 1 (the training horizon), got {num_steps!r}"
+        )
+    if int(value) < 1:
+        raise ValueError(
+            f"num_steps must be >= 1 (the number of steps you will train for), got {int(value)}"
+        )

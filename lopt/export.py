@@ -9,9 +9,11 @@ functions, never a second implementation. The loss arrives as the keyword `loss=
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lopt.base import LearnedOptimizer, MetaParams
@@ -51,6 +53,85 @@ def as_optax(
                 "the learned optimizer needs the training loss: update(..., loss=loss)"
             )
         return opt.update(updates, state, params, loss)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+NORMALISATIONS = ("rms", "none")
+"""How `scale_by_learned` sets the size of its output (see there)."""
+
+
+class ScaleByLearnedState(NamedTuple):
+    """State of `scale_by_learned`: the learned optimizer's own state."""
+
+    inner: Any
+
+
+def scale_by_learned(
+    lopt: LearnedOptimizer,
+    theta: MetaParams,
+    num_steps: int,
+    normalise: str = "rms",
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """The learned rule's direction as an optax `scale_by_...` transformation, its size left
+    to an ordinary learning rate or schedule.
+
+    Like `optax.scale_by_adam`, the output points along the gradient and is meant to be
+    followed by `optax.scale_by_learning_rate` (which negates and scales it), with any other
+    optax pieces in between:
+
+        tx = optax.chain(
+            scale_by_learned(lopt, theta, num_steps=5000),
+            optax.add_decayed_weights(1e-4),
+            optax.scale_by_learning_rate(optax.cosine_decay_schedule(3e-3, 5000)),
+        )
+
+    The rule's own fixed step schedule is switched off (the learning rate's schedule
+    replaces it); its network still reads the training progress of `num_steps`.
+
+    After Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026), whose learned MLP rule is
+    normalised by its RMS over each tensor at every step so that a learning-rate schedule
+    sets the step size.
+
+    Args:
+      lopt: the learned optimizer.
+      theta: its meta-parameters.
+      num_steps: the training horizon its progress features refer to (>= 1).
+      normalise: 'rms': each tensor's update divided by its root mean square, so a learning
+        rate of lr moves every tensor by lr in RMS (and cancels per-tensor factors such as
+        fan-in scaling); 'none': the rule's update divided by its `step_mult`, so
+        `optax.scale_by_learning_rate(lopt.step_mult)` reproduces `as_optax` with a constant
+        step schedule.
+      eps: added to each tensor's RMS ('rms'): a tensor whose update is zero stays zero.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `update(updates, state, params, *, loss)`
+      needs `params` and the training `loss`, as `as_optax`'s.
+    """
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+    if hasattr(lopt, "step_schedule"):
+        lopt = dataclasses.replace(lopt, step_schedule="constant")
+    inner = as_optax(lopt, theta, num_steps)
+    unit = float(getattr(lopt, "step_mult", 1.0))
+
+    def init_fn(params):
+        return ScaleByLearnedState(inner.init(params))
+
+    def direction(u):
+        if not jnp.issubdtype(u.dtype, jnp.floating):
+            return u
+        x = u.astype(jnp.float32)
+        if normalise == "rms":
+            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x)) + eps)
+        else:
+            x = x / unit
+        return (-x).astype(u.dtype)
+
+    def update_fn(updates, state, params=None, *, loss: Any = None, **extra_args):
+        out, new = inner.update(updates, state.inner, params, loss=loss, **extra_args)
+        return jax.tree.map(direction, out), ScaleByLearnedState(new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

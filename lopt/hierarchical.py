@@ -84,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
+from lopt.base import MetaParams, Optimizer, check_num_steps, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -631,6 +631,7 @@ class HierarchicalLOpt:
         hl, k = self.lstm_hidden, self.num_mix
 
         def init(params, num_steps) -> HierarchicalLOptState:
+            check_num_steps(num_steps)
             leaves = float_leaves(params)
             return HierarchicalLOptState(
                 momenta=[jnp.zeros((n_decays,) + p.shape, jnp.float32) for p in leaves],

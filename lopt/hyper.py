@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
+from lopt.base import MetaParams, Optimizer, check_num_steps, step_scale, step_schedule_problems
 from lopt.common import (
     MAX_SQUARE,
     NUM_PROGRESS_FEATURES,
@@ -286,6 +286,7 @@ class LearnedAdamLOpt:
         """Returns the optimizer with meta-parameters `theta`."""
 
         def init(params, num_steps) -> LearnedAdamState:
+            check_num_steps(num_steps)
             leaves = float_leaves(params)
             rows = (self._num_rows(len(leaves)),)
             return LearnedAdamState(
@@ -430,6 +431,7 @@ class _LearnedSchedule:
         tx = self._transformation()
 
         def init(params, num_steps) -> LearnedScheduleState:
+            check_num_steps(num_steps)
             leaves = [p.astype(jnp.float32) for p in float_leaves(params)]
             return LearnedScheduleState(
                 base=tx.init(leaves),

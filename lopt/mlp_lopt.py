@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lopt.base import MetaParams, Optimizer, step_scale, step_schedule_problems
+from lopt.base import MetaParams, Optimizer, check_num_steps, step_scale, step_schedule_problems
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
@@ -262,6 +262,7 @@ class MLPLOpt:
         decays = jnp.asarray(self.momentum_decays, jnp.float32)
 
         def init(params, num_steps) -> MLPLOptState:
+            check_num_steps(num_steps)
             leaves = float_leaves(params)
             return MLPLOptState(
                 momenta=[jnp.zeros((n_decays,) + p.shape, jnp.float32) for p in leaves],

@@ -1,0 +1,136 @@
+"""The learned optimizers this project ships, by name, in one line:
+
+    import lopt
+    lopt.pretrained()                                   # the names of what ships
+    tx = lopt.pretrained("generalist", num_steps=5000)  # an optax transformation
+
+Shipped optimizers live in the repository's `checkpoints/` (one folder per name: the orbax
+checkpoint, a model card `README.md`, tables and curves). `checkpoints/shipped.json` lists
+them, with a description, the horizon they default to and a SHA-256 of their weights; every
+load recomputes the hash and refuses weights that do not match, so a truncated download or
+an edited file is an error, never a silently different optimizer. An installed wheel
+carries the same folders as `lopt/shipped/` (see `setup.py`); a checkout reads
+`checkpoints/` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import optax
+
+INDEX = "shipped.json"
+"""The index of shipped optimizers, in the shipped folder."""
+
+_REPO_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+_WHEEL_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+class PretrainedError(ValueError):
+    """An unknown name, or shipped weights that are missing or fail their hash."""
+
+
+def shipped_dir() -> Path:
+    """The folder that holds the shipped optimizers: `lopt/shipped` in an installed wheel,
+    the repository's `checkpoints/` in a checkout."""
+    for folder in (_WHEEL_DIR, _REPO_DIR):
+        if (folder / INDEX).is_file():
+            return folder
+    raise PretrainedError(
+        f"no shipped optimizers found: neither {_WHEEL_DIR / INDEX} nor {_REPO_DIR / INDEX} "
+        "exists (a wheel built without its checkpoints?)"
+    )
+
+
+def _index() -> dict[str, dict[str, Any]]:
+    with open(shipped_dir() / INDEX) as f:
+        return json.load(f)
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 over a shipped optimizer's weights: every file of its checkpoint step folders
+    (digit-named) and its `best.json`, in sorted path order, each path and content hashed.
+
+    Model cards, tables and figures are not weights and are not hashed.
+
+    Args:
+      folder: the optimizer's folder (e.g. `checkpoints/generalist`).
+
+    Returns:
+      The hex digest.
+    """
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    weights = sorted(
+        p
+        for p in files
+        if p.relative_to(folder).parts[0].isdigit()
+        or p.relative_to(folder).as_posix() == "best.json"
+    )
+    h = hashlib.sha256()
+    for p in weights:
+        h.update(p.relative_to(folder).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_pretrained(name: str, num_steps: int | None = None):
+    """A shipped optimizer with its meta-parameters, checked against its hash.
+
+    Args:
+      name: one of `pretrained()`.
+      num_steps: the training horizon (>= 1; default: the one the index gives, the
+        horizon the optimizer was meta-trained or evaluated at).
+
+    Returns:
+      `(tx, theta, lopt)`, as `lopt.export.load_optax`.
+
+    Raises:
+      PretrainedError: for an unknown name, missing weights or a hash mismatch.
+    """
+    index = _index()
+    if name not in index:
+        raise PretrainedError(f"no shipped optimizer {name!r}; shipped: {sorted(index)}")
+    entry = index[name]
+    folder = shipped_dir() / name
+    if not folder.is_dir():
+        raise PretrainedError(f"shipped optimizer {name!r}: its folder {folder} is missing")
+    digest = weights_sha256(folder)
+    if digest != entry["sha256"]:
+        raise PretrainedError(
+            f"shipped optimizer {name!r}: its weights in {folder} do not match their hash "
+            f"(expected {entry['sha256'][:16]}..., got {digest[:16]}...): corrupt or edited"
+        )
+    from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
+
+    horizon = int(entry["num_steps"]) if num_steps is None else num_steps
+    return load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
+
+
+def pretrained(
+    name: str | None = None, num_steps: int | None = None
+) -> list[str] | optax.GradientTransformationExtraArgs:
+    """A shipped learned optimizer as an optax transformation, or the list of them.
+
+    Args:
+      name: which one; None lists the names.
+      num_steps: the number of steps you will train for (>= 1; default: the optimizer's
+        own, see `checkpoints/NAME/README.md`).
+
+    Returns:
+      With a name, an `optax.GradientTransformationExtraArgs` whose
+      `update(grads, state, params, loss=loss)` needs `params` and the training loss;
+      without one, the sorted names of what ships.
+    """
+    if name is None:
+        return sorted(_index())
+    return load_pretrained(name, num_steps)[0]
+
+
+def describe() -> dict[str, str]:
+    """Each shipped optimizer's one-line description, by name."""
+    return {name: entry["description"] for name, entry in sorted(_index().items())}
