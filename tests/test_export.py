@@ -1,5 +1,7 @@
 """The optax export gives the optimizer's own updates and works in users' loops."""
 
+import dataclasses
+
 import flax.linen as nn
 import haiku as hk
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lopt.export import as_optax
+from lopt.export import as_optax, scale_by_learned
 from lopt.mlp_lopt import MLPLOpt
 
 
@@ -85,3 +87,65 @@ def test_haiku_model_trains_with_exported_optimizer():
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] * 1.5
+
+
+def _scale_setup():
+    lopt = MLPLOpt(hidden_size=4, step_schedule="cosine")
+    theta = lopt.init_meta(jax.random.PRNGKey(0))
+    params = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3), "h": jnp.ones((2, 2), jnp.float16)}
+    grads = {"w": jnp.full((5, 3), 0.3), "b": jnp.full(3, -0.2), "h": jnp.ones((2, 2), jnp.float16)}
+    return lopt, theta, params, grads
+
+
+def test_scale_by_learned_sets_each_tensors_rms_to_the_learning_rate():
+    lopt, theta, params, grads = _scale_setup()
+    tx = optax.chain(scale_by_learned(lopt, theta, 100), optax.scale_by_learning_rate(1e-2))
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params, loss=jnp.float32(1.0))
+        for name, u in updates.items():
+            rms = float(jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32)))))
+            np.testing.assert_allclose(rms, 1e-2, rtol=1e-3, err_msg=name)
+            assert u.dtype == params[name].dtype
+    # It descends: the step is against the gradient, as as_optax's is.
+    ref, _ = as_optax(lopt, theta, 100).update(
+        grads, as_optax(lopt, theta, 100).init(params), params, loss=jnp.float32(1.0)
+    )
+    assert float(jnp.sum(updates["w"] * ref["w"])) > 0
+
+
+def test_scale_by_learned_without_normalising_reproduces_the_rule_at_its_step_mult():
+    lopt, theta, params, grads = _scale_setup()
+    tx = optax.chain(
+        scale_by_learned(lopt, theta, 100, normalise="none"),
+        optax.scale_by_learning_rate(lopt.step_mult),
+    )
+    constant = dataclasses.replace(lopt, step_schedule="constant")
+    ref = as_optax(constant, theta, 100)
+    (u1, _), (u2, _) = (
+        tx.update(grads, tx.init(params), params, loss=jnp.float32(1.0)),
+        ref.update(grads, ref.init(params), params, loss=jnp.float32(1.0)),
+    )
+    for name in params:
+        np.testing.assert_allclose(
+            np.asarray(u1[name], np.float32), np.asarray(u2[name], np.float32), rtol=1e-3
+        )
+    with pytest.raises(ValueError, match="normalise"):
+        scale_by_learned(lopt, theta, 100, normalise="l2")
+
+
+def test_scale_by_learned_composes_with_weight_decay_and_a_schedule():
+    lopt, theta, params, grads = _scale_setup()
+    schedule = optax.cosine_decay_schedule(1e-2, 10)
+    tx = optax.chain(
+        scale_by_learned(lopt, theta, 10),
+        optax.add_decayed_weights(1e-2),
+        optax.scale_by_learning_rate(schedule),
+    )
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, loss=jnp.float32(1.0)))
+    sizes = []
+    for _ in range(10):
+        updates, state = step(grads, state, params)
+        sizes.append(float(jnp.sqrt(jnp.mean(jnp.square(updates["b"])))))
+    assert sizes[0] > sizes[5] > sizes[9]  # the schedule sets the size

@@ -152,6 +152,21 @@ def test_a_state_of_other_params_fails_clearly(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_horizon_below_one_is_rejected(kind):
+    lopt = make_lopt(kind)
+    opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(0)))
+    params = {"w": jnp.ones((2, 3))}
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="num_steps"):
+            opt.init(params, bad)
+        with pytest.raises(ValueError, match="num_steps"):
+            as_optax(lopt, lopt.init_meta(jax.random.PRNGKey(0)), bad).init(params)
+    opt.init(params, 1)
+    opt.init(params, np.int64(7))
+    jax.vmap(lambda n: opt.init(params, n))(jnp.array([3, 4]))  # traced: the schedules clamp
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_export_composes_in_chain_and_rejects_a_missing_loss(kind):
     lopt = make_lopt(kind)
     theta = perturbed_theta(lopt, scale=0.1)

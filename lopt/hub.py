@@ -1,4 +1,4 @@
-"""The learned optimizers this project ships, by name, in one line:
+"""The learned optimizers this project ships, by name (`lopt.pretrained`), in one line:
 
     import lopt
     lopt.pretrained()                                   # the names of what ships
