@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 INDEX = "shipped.json"
@@ -134,3 +136,56 @@ def pretrained(
 def describe() -> dict[str, str]:
     """Each shipped optimizer's one-line description, by name."""
     return {name: entry["description"] for name, entry in sorted(_index().items())}
+
+
+def harness(
+    name: str,
+    num_steps: int,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-4,
+    orthogonalise: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """A shipped learned rule inside a Celo2-style harness built from optax's own parts.
+
+    2-D kernels take the rule's RMS-normalised direction (`lopt.export.scale_by_learned`),
+    orthogonalised by Newton-Schulz iterations (`optax.contrib.scale_by_muon` without
+    momentum, so it only orthogonalises), decoupled weight decay and a cosine schedule from
+    `learning_rate`; biases, norm scales, embeddings' other shapes and every non-2-D leaf
+    take `optax.adamw` on the same schedule (`optax.multi_transform`). After Moudgil,
+    Knyazev, Belilovsky, "Celo2" (ICLR 2026).
+
+    Args:
+      name: a shipped optimizer (`pretrained()`).
+      num_steps: the training horizon (>= 1): the rule's progress features and the
+        schedule's length.
+      learning_rate: the schedule's peak: the RMS step of each 2-D tensor, and AdamW's rate.
+      weight_decay: decoupled weight decay of both parts.
+      orthogonalise: Newton-Schulz on the 2-D updates (False: the plain normalised rule).
+
+    Returns:
+      A `GradientTransformationExtraArgs` that needs `params` and `loss=`, as
+      `pretrained(name)`.
+    """
+    from lopt.export import scale_by_learned  # noqa: PLC0415
+
+    _, theta, lopt = load_pretrained(name, num_steps)
+    schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1))
+    parts = [scale_by_learned(lopt, theta, num_steps)]
+    if orthogonalise:
+        # Every leaf this part sees is a 2-D kernel [in, out] (the labels below).
+        dims = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+        parts.append(
+            optax.contrib.scale_by_muon(
+                beta=0.0,
+                nesterov=False,
+                weight_dimension_numbers=lambda u: jax.tree.map(lambda _: dims, u),
+            )
+        )
+    parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule)]
+    matrices = optax.chain(*parts)
+    others = optax.adamw(schedule, weight_decay=weight_decay)
+
+    def labels(params):
+        return jax.tree.map(lambda p: "matrix" if jnp.ndim(p) == 2 else "other", params)
+
+    return optax.multi_transform({"matrix": matrices, "other": others}, labels)

@@ -1,7 +1,7 @@
 """Optimizer SPEC strings of the benchmark: what `--optimizer` accepts.
 
     runs/default/checkpoints              a meta-training checkpoint directory
-    mnist1d-mlp-pes                       a learned optimizer shipped in checkpoints/
+    mnist1d-mlp-pes                       a shipped learned optimizer (`lopt.pretrained()`)
     optax:adam(learning_rate=1e-3)        an optax optimizer with literal arguments
     mypkg.opts:make_opt                   module:function returning an optax transformation
     mypkg.opts:make_opt(lr=3e-4)          ... called with literal arguments
@@ -27,8 +27,6 @@ import optax
 
 from meta_train.cli import UserError
 
-# evaluate/bench/specs.py -> the repository root, which holds the shipped checkpoints/.
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 _LABEL = re.compile(r"^([A-Za-z_][\w.\-]*)=(?=[^=])")
 _CALL = re.compile(r"^(?P<target>[^()\s]+?)(?:\((?P<args>.*)\))?$", re.S)
 
@@ -44,8 +42,9 @@ class OptimizerSpec:
     Attributes:
       label: the name in tables and plots.
       spec: the SPEC as given (without the label).
-      kind: 'checkpoint', 'optax' or 'function'.
-      target: checkpoint directory, optax function name, or 'module:function'.
+      kind: 'shipped', 'checkpoint', 'optax' or 'function'.
+      target: shipped name, checkpoint directory, optax function name, or
+        'module:function'.
       kwargs: literal keyword arguments (optax and functions).
       args: literal positional arguments.
     """
@@ -66,6 +65,10 @@ class OptimizerSpec:
         Returns:
           An optax transformation (plain or extra-args; the benchmark passes `loss=`).
         """
+        if self.kind == "shipped":  # its weights checked against their hash
+            from lopt.hub import load_pretrained  # noqa: PLC0415 - orbax is heavy
+
+            return load_pretrained(self.target, num_steps)[0]
         if self.kind == "checkpoint":
             from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
 
@@ -138,10 +141,13 @@ def _literal_args(text: str, spec: str) -> tuple[tuple[Any, ...], tuple[tuple[st
 
 
 def shipped_names() -> list[str]:
-    """The learned optimizers shipped in the project's checkpoints/ folder."""
-    if not SHIPPED_DIR.is_dir():
+    """The shipped learned optimizers (`lopt.pretrained()`); none where none ship."""
+    from lopt.hub import PretrainedError, pretrained  # noqa: PLC0415
+
+    try:
+        return pretrained()
+    except PretrainedError:
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if p.is_dir())
 
 
 def parse_spec(text: str) -> OptimizerSpec:
@@ -164,7 +170,7 @@ def parse_spec(text: str) -> OptimizerSpec:
     if not text:
         raise SpecError("empty optimizer SPEC")
     if text in shipped_names():
-        return OptimizerSpec(label or text, text, "checkpoint", str(SHIPPED_DIR / text))
+        return OptimizerSpec(label or text, text, "shipped", text)
     if Path(text).is_dir():
         return OptimizerSpec(label or Path(text).resolve().parent.name, text, "checkpoint", text)
     call = _CALL.match(text)
