@@ -277,6 +277,7 @@ def test_other_kinds_fused_write_no_per_parameter_feature_buffers(cls, bound):
     assert matmul > 2 * fused
 
 
+@pytest.mark.slow  # ~6 s; the MLP's vmap test runs in the default stage
 def test_other_kinds_vmap_over_particles():
     for lopt in (AdaFacLOpt(impl="fused"), HierarchicalLOpt(impl="fused")):
         theta = perturbed_theta(lopt)

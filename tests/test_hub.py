@@ -24,6 +24,7 @@ def test_lists_what_ships_and_every_index_hash_matches_its_weights():
     assert set(describe()) == set(names)
 
 
+@pytest.mark.slow  # the horizon and gradient-scale tests train every one in the default stage
 def test_every_shipped_optimizer_is_an_optax_transformation_that_trains():
     params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
     for name in lopt.pretrained():
