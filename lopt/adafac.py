@@ -99,10 +99,14 @@ from lopt.common import (
     progress_features,
     split_tree,
 )
-from lopt.fused import elementwise_mlp, tensor_sums
-from lopt.mlp_lopt import (
-    FUSED_MAX_MULTIPLY_ADDS,
+from lopt.fused import (
     IMPLS,
+    elementwise_mlp,
+    network_multiply_adds,
+    runs_fused,
+    tensor_sums,
+)
+from lopt.mlp_lopt import (
     _apply_net,
     _PerParamMLP,
     hidden_and_output,
@@ -509,7 +513,7 @@ class AdaFacLOpt:
         'fused' (`_fused_steps`: per-tensor reductions, then one elementwise pass),
         'matmul' (`_steps`: feature-major matmuls over blocks of parameters) or 'auto'
         (the default): 'fused' for networks of at most
-        `lopt.mlp_lopt.FUSED_MAX_MULTIPLY_ADDS` per parameter, as for `MLPLOpt`.
+        `lopt.fused.FUSED_MAX_MULTIPLY_ADDS` per parameter, as for `MLPLOpt`.
     """
 
     hidden_size: int = 8
@@ -560,15 +564,14 @@ class AdaFacLOpt:
     @property
     def multiply_adds(self) -> int:
         """Multiply-adds of the per-parameter network per parameter (shared inputs aside)."""
-        h = self.hidden_size
-        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+        return network_multiply_adds(
+            self.hidden_size, self.hidden_layers, self.num_per_param_features
+        )
 
     @property
     def fused(self) -> bool:
-        """Whether updates run fused (`impl`)."""
-        if self.impl == "auto":
-            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
-        return self.impl == "fused"
+        """Whether updates run fused (`impl`, `lopt.fused.runs_fused`)."""
+        return runs_fused(self.impl, self.multiply_adds)
 
     @property
     def num_meta_params(self) -> int:

@@ -34,6 +34,31 @@ from lopt.base import MetaParams
 _CHUNK = 512
 
 
+IMPLS = ("auto", "fused", "matmul")
+"""How a per-parameter network runs (the `impl` option of the per-parameter kinds)."""
+
+FUSED_MAX_MULTIPLY_ADDS = 600
+"""'auto' fuses networks with at most this many multiply-adds per parameter (16×2 with 12
+features: 480; 32×2: 1,472). Measured with the 967k-parameter ConvNet of
+`python -m evaluate.measure.lopt_cost` (docs/speed.md): fused updates were 3-9× faster than
+the matmul path up to 16×2, while 32×2 fused compiled for about 30 s and ran no faster."""
+
+
+def network_multiply_adds(hidden_size: int, hidden_layers: int, num_features: int) -> int:
+    """Multiply-adds per parameter of a per-parameter MLP (shared inputs aside): the first
+    layer, the hidden layers and the two outputs."""
+    h = hidden_size
+    return h * num_features + (hidden_layers - 1) * h * h + 2 * h
+
+
+def runs_fused(impl: str, multiply_adds: int) -> bool:
+    """Whether a kind with option `impl` and a network of `multiply_adds` runs fused:
+    'fused' and 'matmul' say so, 'auto' fuses up to `FUSED_MAX_MULTIPLY_ADDS`."""
+    if impl == "auto":
+        return multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
+    return impl == "fused"
+
+
 def tensor_sums(arrays: Sequence[jax.Array]) -> jax.Array:
     """The sum of each of several same-size arrays, in one pass over them.
 

@@ -101,8 +101,13 @@ from lopt.common import (
     progress_features,
     split_tree,
 )
-from lopt.fused import elementwise_layers, tensor_sums
-from lopt.mlp_lopt import FUSED_MAX_MULTIPLY_ADDS, IMPLS
+from lopt.fused import (
+    IMPLS,
+    elementwise_layers,
+    network_multiply_adds,
+    runs_fused,
+    tensor_sums,
+)
 
 MIXINGS = ("softmax", "linear")
 # Log features are clipped to ±LOG_CLIP (float32 spans e^±88) and scaled by LOG_SCALE, so
@@ -267,7 +272,7 @@ class HierarchicalLOpt:
         then its own mixture of the bank's weights applied in one elementwise pass,
         `lopt.fused`), 'matmul' (feature-major matmuls, small tensors batched through the
         bank) or 'auto' (the default): 'fused' for per-parameter networks of at most
-        `lopt.mlp_lopt.FUSED_MAX_MULTIPLY_ADDS`, as for `MLPLOpt`.
+        `lopt.fused.FUSED_MAX_MULTIPLY_ADDS`, as for `MLPLOpt`.
     """
 
     lstm_hidden: int = 32
@@ -321,16 +326,15 @@ class HierarchicalLOpt:
 
     @property
     def multiply_adds(self) -> int:
-        """Multiply-adds of the (mixed) per-parameter network per parameter."""
-        h = self.hidden_size
-        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+        """Multiply-adds of the per-parameter network per parameter (shared inputs aside)."""
+        return network_multiply_adds(
+            self.hidden_size, self.hidden_layers, self.num_per_param_features
+        )
 
     @property
     def fused(self) -> bool:
-        """Whether updates run fused (`impl`)."""
-        if self.impl == "auto":
-            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
-        return self.impl == "fused"
+        """Whether updates run fused (`impl`, `lopt.fused.runs_fused`)."""
+        return runs_fused(self.impl, self.multiply_adds)
 
     @property
     def tensor_feature_names(self) -> tuple[str, ...]:

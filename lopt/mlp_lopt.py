@@ -56,16 +56,13 @@ from lopt.common import (
     tensor_features,
     width_scale,
 )
-from lopt.fused import elementwise_mlp, tensor_sums
-
-IMPLS = ("auto", "fused", "matmul")
-"""How a per-parameter network runs (`MLPLOpt.impl`)."""
-
-FUSED_MAX_MULTIPLY_ADDS = 600
-"""'auto' fuses networks with at most this many multiply-adds per parameter (16×2 with 12
-features: 480; 32×2: 1,472). Measured with the 967k-parameter ConvNet of
-`python -m evaluate.measure.lopt_cost` (docs/speed.md): fused updates were 3-9× faster than
-the matmul path up to 16×2, while 32×2 fused compiled for about 30 s and ran no faster."""
+from lopt.fused import (
+    IMPLS,
+    elementwise_mlp,
+    network_multiply_adds,
+    runs_fused,
+    tensor_sums,
+)
 
 
 class MLPLOptState(NamedTuple):
@@ -169,7 +166,7 @@ class MLPLOpt:
         network and update in one elementwise pass (`lopt.fused`: no [features, N] or
         [hidden, N] buffers); 'matmul' builds the feature rows of the whole tree and runs
         the network as feature-major matmuls (`_apply_net`); 'auto' (the default) takes
-        'fused' for networks of at most `FUSED_MAX_MULTIPLY_ADDS` per parameter, where it
+        'fused' for networks of at most `lopt.fused.FUSED_MAX_MULTIPLY_ADDS` per parameter, where it
         measured faster, and 'matmul' for wider ones, whose unrolled pass compiles slowly
         and runs no faster (docs/speed.md).
     """
@@ -225,15 +222,14 @@ class MLPLOpt:
     @property
     def multiply_adds(self) -> int:
         """Multiply-adds of the per-parameter network per parameter (shared inputs aside)."""
-        h = self.hidden_size
-        return h * self.num_per_param_features + (self.hidden_layers - 1) * h * h + 2 * h
+        return network_multiply_adds(
+            self.hidden_size, self.hidden_layers, self.num_per_param_features
+        )
 
     @property
     def fused(self) -> bool:
-        """Whether updates run fused (`impl`)."""
-        if self.impl == "auto":
-            return self.multiply_adds <= FUSED_MAX_MULTIPLY_ADDS
-        return self.impl == "fused"
+        """Whether updates run fused (`impl`, `lopt.fused.runs_fused`)."""
+        return runs_fused(self.impl, self.multiply_adds)
 
     @property
     def num_shared_features(self) -> int:
