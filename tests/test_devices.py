@@ -80,6 +80,7 @@ def run_json_script(script: str, overrides: list[str], env: dict[str, str]) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # ~13 s; the back-to-back loop test also runs 2 devices (slow stage)
 def test_pairs_shard_across_two_cpu_devices_and_estimate_the_same_gradient():
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
     got = run_json_script(SCRIPT, TINY, env)

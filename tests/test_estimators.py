@@ -217,6 +217,7 @@ def _influence(estimator, **kw):
     return float(np.ravel(run_estimator("influence", estimator, setting)["final_theta"])[0])
 
 
+@pytest.mark.slow  # ~8 s; keeps the default stage under 10 minutes
 def test_influence_balancing_with_the_published_settings():
     optimum = InfluenceBalancing().optimum
     assert optimum == pytest.approx(-1 / 6, rel=1e-12)  # a float64 formula of small integers

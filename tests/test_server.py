@@ -60,7 +60,11 @@ def test_server_settings_are_checked_and_say_which_path_runs():
 
 @pytest.mark.parametrize(
     "groups",
-    [(), ("meta.task_groups=2", "meta.switch_every=1")],
+    [
+        (),
+        # ~12 s: the slow stage (keeps the default stage under 10 minutes)
+        pytest.param(("meta.task_groups=2", "meta.switch_every=1"), marks=pytest.mark.slow),
+    ],
     ids=["one_program", "groups_switching"],
 )
 def test_one_in_process_worker_through_the_server_reproduces_the_fused_step(tmp_path, groups):

@@ -40,6 +40,7 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~10 s; keeps the default stage under 10 minutes
 def test_scores_are_deterministic_for_fixed_theta(tmp_path):
     run = build_run(_config(tmp_path))
     theta = run.init_state().theta
