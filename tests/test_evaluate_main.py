@@ -35,6 +35,7 @@ def _last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # keeps the default stage under 10 minutes (it took 9 min 57 s)
 def test_eval_overrides_change_the_evaluation_and_never_overwrite_the_saved_one(run_dir, capsys):
     saved_eval = load_theta(str(SHIPPED))[1]["eval"]
     assert saved_eval["num_tasks"] == 3 and saved_eval["num_seeds"] == 3  # what we override

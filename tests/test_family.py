@@ -134,6 +134,7 @@ def _kinds_config(**kw):
     return FamilyConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # keeps the default stage under 10 minutes (it took 9 min 57 s)
 def test_a_family_of_every_kind_samples_each_with_traced_numbers():
     from mixed_data import mixed_family  # noqa: PLC0415
 

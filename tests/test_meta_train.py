@@ -358,7 +358,9 @@ def _assert_built_as_configured(run):
         ("es_single", ["meta.stagger='burn_in'", "meta.sigma=0.03"]),
         ("tes", ["meta.objective='final'", "meta.sign_diff=true"]),
         ("full_es", ["meta.window=50", "meta.stagger='none'"]),
-        ("tbptt", ["meta.stagger='none'", "meta.objective='final'"]),
+        pytest.param(
+            "tbptt", ["meta.stagger='none'", "meta.objective='final'"], marks=pytest.mark.slow
+        ),  # the slow stage: keeps the default stage under 10 minutes
     ],
 )
 def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, estimator, extra):

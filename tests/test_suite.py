@@ -301,6 +301,7 @@ def _lm_task():
     return lm_task(corpus, "rnn", hidden=8, batch_size=4, seq_len=8)
 
 
+@pytest.mark.slow  # keeps the default stage under 10 minutes (it took 9 min 57 s)
 def test_run_suite_mixing_kinds_gives_one_table_per_kind(tmp_path):
     pairs = [
         (_task(0), {"dataset": "blobs0", "kind": "mlp"}),
