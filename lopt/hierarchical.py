@@ -580,21 +580,28 @@ class HierarchicalLOpt:
         offsets = np.cumsum([0] + sizes)
         return [step[o : o + n] for o, n in zip(offsets[:-1], sizes, strict=True)]
 
+    def _mixed_layers(self, theta, mix, context) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Each tensor's own mixture of the bank's layers: ([T, in, out] kernels, [T, out]
+        biases) per layer, the context folded into the first layer's bias (it is constant
+        over a tensor). Shared by `_apply_direct` and `_apply_fused`."""
+        layers = _bank_layers(theta["bank"])
+        ws = [jnp.einsum("tk,kio->tio", mix, layer["w"]) for layer in layers]
+        bs = [mix @ layer["b"] for layer in layers]
+        n_f = self.num_per_param_features
+        bs[0] = jnp.einsum("tc,tco->to", context, ws[0][:, n_f:]) + bs[0]
+        return ws, bs
+
     def _apply_direct(self, theta, rows, mix, scale, context) -> list[jax.Array]:
         """Flat updates of tensors, each through its own mixture of the bank's weights.
 
         Arguments as `_apply_batched`'s.
         """
-        layers = _bank_layers(theta["bank"])
-        ws = [jnp.einsum("tk,kio->tio", mix, layer["w"]) for layer in layers]
-        bs = [mix @ layer["b"] for layer in layers]
+        ws, bs = self._mixed_layers(theta, mix, context)
         n_f = self.num_per_param_features
-        # The context is constant over a tensor: in the first layer it is part of the bias.
-        b0 = jnp.einsum("tc,tco->to", context, ws[0][:, n_f:]) + bs[0]
         out = []
         for t, x in enumerate(rows):
-            h = jnp.einsum("io,in->on", ws[0][t, :n_f], x) + b0[t][:, None]
-            for j in range(1, len(layers)):
+            h = jnp.einsum("io,in->on", ws[0][t, :n_f], x) + bs[0][t][:, None]
+            for j in range(1, len(ws)):
                 h = jax.nn.relu(h)
                 h = jnp.einsum("io,in->on", ws[j][t], h) + bs[j][t][:, None]
             out.append(scale[t] * h[0] * jnp.exp(self.exp_mult * h[1]))
@@ -616,15 +623,12 @@ class HierarchicalLOpt:
         Returns:
           Per tensor, its float32 update, of the parameter's shape.
         """
-        layers = _bank_layers(theta["bank"])
-        ws = [jnp.einsum("tk,kio->tio", mix, layer["w"]) for layer in layers]
-        bs = [mix @ layer["b"] for layer in layers]
+        ws, bs = self._mixed_layers(theta, mix, context)
         n_f = self.num_per_param_features
-        b0 = jnp.einsum("tc,tco->to", context, ws[0][:, n_f:]) + bs[0]
         out = []
         for t, (feats, norms) in enumerate(inputs):
-            weights = [(ws[0][t, :n_f] * norms[:, None], b0[t])]
-            weights += [(ws[j][t], bs[j][t]) for j in range(1, len(layers))]
+            weights = [(ws[0][t, :n_f] * norms[:, None], bs[0][t])]
+            weights += [(ws[j][t], bs[j][t]) for j in range(1, len(ws))]
             d, mag = elementwise_layers(weights, feats)
             out.append(scale[t] * d * jnp.exp(self.exp_mult * mag))
         return out
