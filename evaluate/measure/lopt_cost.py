@@ -210,7 +210,9 @@ def measure(
         steps[name] = _stepper(tx)
         state = tx.init(params)
         sizes[name] = state_bytes(state) / n
+        start = time.perf_counter()
         _, states[name] = _time_calls(steps[name], grads, state, params, loss, 2)  # compile
+        print(f"{name}: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in txs}
     for _ in range(rounds):
         for name in txs:
