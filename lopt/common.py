@@ -252,6 +252,24 @@ def fan_in(shape: tuple[int, ...]) -> int:
 
 
 WIDTH_SCALINGS = ("none", "fan_in")
+OUTPUT_NORMS = ("none", "rms")
+
+
+def rms_normalise(update: jax.Array) -> jax.Array:
+    """`update` divided by its root mean square over the tensor (Celo2's output
+    normalisation: Moudgil, Knyazev, Belilovsky, ICLR 2026, arXiv 2602.19142).
+
+    A learned rule normalised this way decides each update's direction and its shape across
+    the tensor; the step size is then the schedule's alone, as with an ordinary learning
+    rate. An all-zero update stays zero.
+
+    Args:
+      update: one tensor's raw update (float32).
+
+    Returns:
+      The update with RMS 1 over the tensor (0 where the raw update is all zeros).
+    """
+    return update * jax.lax.rsqrt(jnp.mean(jnp.square(update)) + EPS * EPS)
 
 
 def width_scale(shape: tuple[int, ...], kind: str, ref: float) -> float:

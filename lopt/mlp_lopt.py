@@ -41,6 +41,7 @@ from lopt.base import MetaParams, Optimizer, check_num_steps, step_scale, step_s
 from lopt.common import (
     EPS,
     NUM_PROGRESS_FEATURES,
+    OUTPUT_NORMS,
     WIDTH_SCALINGS,
     advance_moments,
     float_leaves,
@@ -50,6 +51,7 @@ from lopt.common import (
     normalise_rows,
     num_moment_features,
     progress_features,
+    rms_normalise,
     schedule_head,
     schedule_head_init,
     split_tree,
@@ -161,6 +163,10 @@ class MLPLOpt:
       feature_norm: normalise every per-parameter feature by its RMS over the tensor, so the
         update does not depend on the gradient's scale (True), or feed raw features (False:
         for comparison only).
+      output_norm: 'none', or 'rms': divide each tensor's network output
+        `d * exp(exp_mult * m)` by its RMS over the tensor before the step size, schedule
+        and width scaling multiply it (`lopt.common.rms_normalise`, after Celo2), so
+        `step_mult` and the schedule alone set the size of every tensor's step.
       impl: how the network runs, the same function either way (to float32 rounding):
         'fused' computes each tensor's feature norms in one reduction, then features,
         network and update in one elementwise pass (`lopt.fused`: no [features, N] or
@@ -183,6 +189,7 @@ class MLPLOpt:
     width_ref: float = 64.0
     schedule_head: int = 0
     feature_norm: bool = True
+    output_norm: str = "none"
     impl: str = "auto"
 
     def __post_init__(self):
@@ -210,6 +217,8 @@ class MLPLOpt:
             )
         if not (math.isfinite(self.width_ref) and self.width_ref > 0):
             problems.append(f"width_ref must be a finite number > 0, got {self.width_ref}")
+        if self.output_norm not in OUTPUT_NORMS:
+            problems.append(f"output_norm must be one of {OUTPUT_NORMS}, got {self.output_norm!r}")
         if self.schedule_head < 0:
             problems.append(f"schedule_head must be >= 0 (0: off), got {self.schedule_head}")
         if problems:
@@ -287,13 +296,17 @@ class MLPLOpt:
             shared = progress_features(state.step, state.num_steps)
             out = _apply_net(theta, jnp.concatenate(rows, axis=1), shared)
             step_mult = step_scale(self, state.step, state.num_steps, self.step_mult)
-            step = step_mult * out[0] * jnp.exp(self.exp_mult * out[1])
+            raw = out[0] * jnp.exp(self.exp_mult * out[1])
             sizes = [p.size for p in split.params]
             offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-            updates = [step[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+            updates = [output(raw[o : o + n]) for o, n in zip(offsets, sizes, strict=True)]
             scales = tensor_scales([p.shape for p in split.params], shared)
-            updates = [u * sc for u, sc in zip(updates, scales, strict=True)]
+            updates = [step_mult * u * sc for u, sc in zip(updates, scales, strict=True)]
             return join_updates(split, updates), new_state
+
+        def output(raw: jax.Array) -> jax.Array:
+            """One tensor's network output as the update direction (`output_norm`)."""
+            return rms_normalise(raw) if self.output_norm == "rms" else raw
 
         def tensor_scales(shapes: list[tuple[int, ...]], shared: jax.Array) -> list[Any]:
             """Each tensor's update multiplier: width scaling times the learned schedule."""
@@ -335,7 +348,7 @@ class MLPLOpt:
                 d, mag = elementwise_mlp(theta, feats, w_feats, bias)
                 momenta.append(m)
                 rms.append(v)
-                updates.append(step_mult * d * jnp.exp(self.exp_mult * mag) * scale)
+                updates.append(step_mult * output(d * jnp.exp(self.exp_mult * mag)) * scale)
             new_state = MLPLOptState(momenta, rms, new_step, state.num_steps)
             return join_updates(split, updates), new_state
 

@@ -133,7 +133,7 @@ _RESUME_HELP = """usage: lopt resume RUN_DIR [--no-eval] [--debug] [section.key=
 
 Continue the meta-training run in RUN_DIR from its last complete checkpoint, with the
 config the run saved (RUN_DIR/config.json); overrides may change the keys a resume allows
-(meta.outer_steps, run.*, eval.*, valid.every, valid.guard_*, server.*).
+(meta.outer_steps, meta.stop_after, run.*, eval.*, valid.every, valid.guard_*, server.*).
 
 example:
   lopt resume runs/default meta.outer_steps=20000

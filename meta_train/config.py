@@ -221,6 +221,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "min_episode_len": int_at_least(1),
         "max_episode_len": int_at_least(1),
         "outer_steps": int_at_least(1),
+        "stop_after": int_at_least(0, " (0: meta.outer_steps)"),
         "outer_lr": POSITIVE,
         "outer_lr_schedule": OneOf(_names("meta_train.learner", "SCHEDULES")),
         "outer_lr_final": Rule("a fraction in (0, 1]", lambda v: _finite(v) and 0 < v <= 1),
@@ -376,6 +377,9 @@ class MetaConfig:
       min_episode_len, max_episode_len: episode lengths T are sampled log-uniformly in this
         range (rounded to whole windows) at every reset.
       outer_steps: outer (meta) steps.
+      stop_after: end the run after this many outer steps, its schedules still spanning
+        outer_steps (0: run all outer_steps). The first N steps of a longer recipe, exactly:
+        the equal-budget cut that ablations of that recipe compare against.
       outer_lr: learning rate of the outer Adam.
       outer_lr_schedule: 'constant', or 'cosine' (decay to outer_lr × outer_lr_final over
         meta.outer_steps; a resumed run with more outer steps stretches the rest of it).
@@ -407,6 +411,7 @@ class MetaConfig:
     min_episode_len: int = 100
     max_episode_len: int = 400
     outer_steps: int = 200
+    stop_after: int = 0
     outer_lr: float = 3e-3
     outer_lr_schedule: str = "constant"
     outer_lr_final: float = 0.1

@@ -308,7 +308,8 @@ def _meta_train(run: Run, resume: Resume, stream) -> tuple[Any, dict, RunLogger]
         if server is not None:
             server.close()
         raise
-    start, total = int(state.step), m.outer_steps
+    start = int(state.step)
+    total = min(m.stop_after, m.outer_steps) if m.stop_after else m.outer_steps
     bar = ProgressBar(total, initial=start, stream=stream)
     inner_per_outer = m.inner_steps_per_outer_step * (server.per_step if server else 1)
     metrics: dict = {}

@@ -93,6 +93,19 @@ def test_resume_continues_exactly(tmp_path):
     assert saved["meta"]["outer_steps"] == 6
 
 
+def test_stop_after_is_the_first_steps_of_the_whole_recipe_and_resumes_into_it(tmp_path):
+    recipe = ("meta.outer_steps=6", "meta.outer_lr_schedule='cosine'", "run.checkpoint_every=3")
+    s_a, _ = meta_train(build_run(_config(tmp_path / "a", *recipe)))
+    cut, _ = meta_train(build_run(_config(tmp_path / "b", *recipe, "meta.stop_after=3")))
+    assert int(cut.step) == 3  # stopped, with the cosine schedule of 6 steps
+    s_b, _ = meta_train(
+        build_run(_config(tmp_path / "b", *recipe, "meta.stop_after=0")), resume=True
+    )
+    assert int(s_b.step) == 6
+    for a, b in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_incompatible_resume_and_accidental_overwrite_fail_clearly(tmp_path):
     meta_train(build_run(_config(tmp_path, "meta.outer_steps=2", "run.checkpoint_every=2")))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

@@ -1,5 +1,7 @@
 """Tests of the per-parameter MLP learned optimizer."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +211,39 @@ def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_refere
         np.testing.assert_allclose(u1[name], factor * np.asarray(u0[name]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("impl", ["fused", "matmul"])
+def test_rms_output_gives_every_tensor_a_step_of_rms_step_mult_times_its_scales(impl):
+    params, grads = _tree_and_grads()
+    params["scalar"], grads["scalar"] = jnp.float32(0.5), jnp.float32(-2.0)
+    grads["zero"] = jnp.zeros((3, 4))
+    params["zero"] = jnp.ones((3, 4))
+    lopt = MLPLOpt(
+        hidden_size=4, output_norm="rms", width_scaling="fan_in", width_ref=32.0, impl=impl
+    )
+    theta = perturbed_theta(lopt)
+    opt = lopt.optimizer(theta)
+    plain = dataclasses.replace(lopt, output_norm="none").optimizer(theta)
+    s = opt.init(params, 100)
+    u, _ = opt.update(grads, s, params, 1.0)
+    u_plain, _ = plain.update(grads, s, params, 1.0)
+    factors = {"kernel": 32 / 256, "conv": 32 / 36, "bias": 1.0, "scalar": 1.0, "zero": 32 / 3}
+    for name, factor in factors.items():
+        x = np.asarray(u[name], np.float64)
+        rms = np.sqrt(np.mean(x**2))
+        np.testing.assert_allclose(rms, lopt.step_mult * factor, rtol=1e-4, err_msg=name)
+        # the same direction as the plain rule's, rescaled as a whole
+        y = np.asarray(u_plain[name], np.float64).ravel()
+        cos = x.ravel() @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+        assert cos > 1 - 1e-5, (name, cos)
+    # scale-free in the gradient, like the features (gradients bounded away from zero, where
+    # the features' epsilons are negligible)
+    grads = jax.tree.map(lambda g: 1.5 + jnp.sin(3.0 * g), grads)
+    u1, _ = opt.update(grads, s, params, 1.0)
+    u2, _ = opt.update(jax.tree.map(lambda g: 1e4 * g, grads), s, params, 1.0)
+    for name in factors:
+        np.testing.assert_allclose(u2[name], u1[name], rtol=0, atol=5e-3 * lopt.step_mult)
+
+
 def test_schedule_head_starts_at_one_and_learns_bounded_per_tensor_multipliers():
     params, grads = _tree_and_grads()
     base = perturbed_theta(MLPLOpt())
@@ -396,6 +431,7 @@ def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays(
         ({"width_scaling": "sqrt"}, "width_scaling"),
         ({"width_ref": 0.0}, "width_ref"),
         ({"schedule_head": -1}, "schedule_head"),
+        ({"output_norm": "l2"}, "output_norm"),
     ],
 )
 def test_meaningless_settings_are_refused_naming_the_setting(kwargs, key):
