@@ -122,7 +122,12 @@ def test_gradient_scales_from_1e_minus_8_to_1e8_never_give_nan(name):
         assert losses[-10:].mean() <= losses[0] * 1.01, (name, scale, losses[0], losses[-1])
 
 
-HORIZONS = [100, 1000, pytest.param(20_000, marks=pytest.mark.slow)]
+HORIZONS = [
+    100,
+    1000,
+    pytest.param(20_000, marks=pytest.mark.slow),
+    pytest.param(100_000, marks=pytest.mark.slow),  # 200,000 steps in one scan: ~15 s
+]
 
 
 @pytest.mark.parametrize("num_steps", HORIZONS)
