@@ -181,3 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     return _dispatch("lopt", COMMANDS, argv, _EXAMPLES)
+
+
+if __name__ == "__main__":  # python -m meta_train.cli, the same as `lopt`
+    sys.exit(main())
