@@ -14,5 +14,16 @@ def horizon_cosine(num_steps: int, peak: float = 1e-2):
     return optax.adam(optax.cosine_decay_schedule(peak, num_steps))
 
 
+def dies_in_worker():
+    """Adam, except that a benchmark worker process building it dies on the spot (as one
+    killed for memory would); the up-front check in the main process passes."""
+    import multiprocessing  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return optax.adam(1e-3)
+
+
 def not_a_transformation():
     return 42

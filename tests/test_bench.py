@@ -37,8 +37,8 @@ strides = [2]
 """
 
 
-def _bench(tmp_path, *extra):
-    env = dict(os.environ)
+def _bench(tmp_path, *extra, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
         LOPT_DATA_DIR=str(tmp_path / "no-data"),  # cifar10 is nowhere: skipped
@@ -64,6 +64,23 @@ def first_run(tmp_path_factory):
     proc = _bench(tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc
+
+
+@pytest.mark.slow  # ~40 s of CLI run
+def test_a_worker_that_dies_fails_its_job_alone_and_workers_retire_and_are_replaced(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    proc = _bench(
+        tmp_path,
+        "--optimizer", "dies=bench_optimizers:dies_in_worker",
+        env_extra={"LOPT_BENCH_JOBS_PER_WORKER": "2"},  # 6 jobs: retirements on 1 worker
+    )  # fmt: skip
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    failed = {(f["task"], f["row"]): f["error"] for f in results["failed"]}
+    assert list(failed) == [("mlp-mnist1d@40", "dies")], (failed, proc.stderr[-2000:])
+    assert "worker process died (exit code 3)" in failed["mlp-mnist1d@40", "dies"]
+    task = results["tasks"][0]
+    for row in ("adam", "adam_cosine", "sgdm", "mine"):
+        assert task["runs"][row]["runs"] == 2, row
 
 
 @pytest.mark.slow  # ~30 s of CLI run; CI runs it after the default suite

@@ -20,11 +20,11 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import time
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait as wait_for_messages
 from pathlib import Path
 from typing import Any
 
@@ -381,27 +381,40 @@ def _die_with_parent() -> None:
         pass
 
 
+# A worker retires after this many jobs and a fresh one takes its core: XLA:CPU maps every
+# compiled program's code into the process, and one worker that ran ~30 jobs of 7 optimizers
+# hit the kernel's map-count limit ("LLVM compilation error: Cannot allocate memory").
+# LOPT_BENCH_JOBS_PER_WORKER overrides it (the tests retire workers after 2 jobs).
+JOBS_PER_WORKER = 12
+
+
 def _worker(core: int | None, settings: Settings, jobs: Any, results: Any) -> None:
-    """A worker process: pins itself to `core`, then runs jobs until it gets None."""
+    """A worker process: pins itself to `core`, then runs jobs until it gets None or has run
+    `JOBS_PER_WORKER` of them. It reports on its own pipe `results` (a sending
+    `Connection`: each message is written before the next line runs, so what a worker sent
+    before dying is never lost): ("start", index) before each job, ("done", index, status,
+    detail) after it, ("retire",) when it leaves early."""
     _die_with_parent()
     if core is not None:
         # Before JAX starts: XLA sizes its thread pools from the affinity mask.
         os.sched_setaffinity(0, {core})
-    while True:
+    for _ in range(int(os.environ.get("LOPT_BENCH_JOBS_PER_WORKER", JOBS_PER_WORKER))):
         item = jobs.get()
         if item is None:
             return
         index, job = item
+        results.send(("start", index))
         t0 = time.perf_counter()
         try:
             run_job(job, settings)
-            results.put((index, "ok", time.perf_counter() - t0))
+            results.send(("done", index, "ok", time.perf_counter() - t0))
         except Exception as e:  # reported per job; the benchmark goes on with the others
             kind = type(e).__name__
             if kind == "DatasetNotFoundError":
-                results.put((index, "skipped", str(e)))
+                results.send(("done", index, "skipped", str(e)))
             else:
-                results.put((index, "error", f"{kind}: {e}\n{traceback.format_exc()}"))
+                results.send(("done", index, "error", f"{kind}: {e}\n{traceback.format_exc()}"))
+    results.send(("retire",))
 
 
 def run_jobs(
@@ -424,35 +437,60 @@ def run_jobs(
     cores = sorted(os.sched_getaffinity(0))
     workers = max(1, min(workers, len(cores), len(jobs)))
     ctx = mp.get_context("spawn")  # never fork a process that has started XLA
-    job_q, result_q = ctx.Queue(), ctx.Queue()
+    job_q = ctx.Queue()
     # Longest first: the last jobs to finish are then short ones (less idle time at the end).
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost(settings.seeds))
     for i in order:
         job_q.put((i, jobs[i]))
     for _ in range(workers):
         job_q.put(None)
-    procs = [
-        ctx.Process(target=_worker, args=(cores[w], settings, job_q, result_q), daemon=True)
-        for w in range(workers)
-    ]
-    for p in procs:
-        p.start()
+    procs: dict[int, Any] = {}  # slot -> its worker process
+    conns: dict[Any, int] = {}  # the receiving end of each worker's pipe -> slot
+    running: dict[int, int] = {}  # slot -> index of the job its worker is running
+
+    def start(slot: int) -> None:
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(cores[slot], settings, job_q, send), daemon=True)
+        proc.start()
+        send.close()  # the worker holds the only sending end: EOF here when it exits
+        procs[slot], conns[receive] = proc, slot
+
+    for slot in range(workers):
+        start(slot)
     pending = set(range(len(jobs)))
     try:
-        while pending:
-            try:
-                index, status, detail = result_q.get(timeout=5.0)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    for i in sorted(pending):
-                        on_done(i, "error", "a worker process died (out of memory?)")
-                    return
-                continue
-            pending.discard(index)
-            on_done(index, status, detail)
+        while pending and conns:
+            for conn in wait_for_messages(list(conns), timeout=5.0):
+                slot = conns[conn]
+                try:
+                    msg = conn.recv()
+                except EOFError:  # the worker exited: after None, or it died
+                    del conns[conn]
+                    procs[slot].join(timeout=10)
+                    if slot in running:  # died inside a job (killed for memory, a crash)
+                        index = running.pop(slot)
+                        pending.discard(index)
+                        code = procs[slot].exitcode
+                        on_done(index, "error", f"its worker process died (exit code {code})")
+                        if pending:  # a fresh worker takes the slot; the others go on
+                            start(slot)
+                    continue
+                if msg[0] == "start":
+                    running[slot] = msg[1]
+                elif msg[0] == "retire":
+                    del conns[conn]
+                    procs[slot].join(timeout=10)
+                    start(slot)
+                else:
+                    _, index, status, detail = msg
+                    running.pop(slot, None)
+                    pending.discard(index)
+                    on_done(index, status, detail)
+        for i in sorted(pending):  # every worker gone with jobs left (none took them)
+            on_done(i, "error", "a worker process died before it could run this job")
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.is_alive():
                 p.terminate()
-        for p in procs:
+        for p in procs.values():
             p.join(timeout=10)
