@@ -93,6 +93,7 @@ def test_resume_continues_exactly(tmp_path):
     assert saved["meta"]["outer_steps"] == 6
 
 
+@pytest.mark.slow  # three short runs, ~8 s; the default stage is near its 10 minutes
 def test_stop_after_is_the_first_steps_of_the_whole_recipe_and_resumes_into_it(tmp_path):
     recipe = ("meta.outer_steps=6", "meta.outer_lr_schedule='cosine'", "run.checkpoint_every=3")
     s_a, _ = meta_train(build_run(_config(tmp_path / "a", *recipe)))

@@ -211,7 +211,7 @@ def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_refere
         np.testing.assert_allclose(u1[name], factor * np.asarray(u0[name]), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("impl", ["fused", "matmul"])
+@pytest.mark.parametrize("impl", ["fused", pytest.param("matmul", marks=pytest.mark.slow)])
 def test_rms_output_gives_every_tensor_a_step_of_rms_step_mult_times_its_scales(impl):
     params, grads = _tree_and_grads()
     params["scalar"], grads["scalar"] = jnp.float32(0.5), jnp.float32(-2.0)
