@@ -6,7 +6,9 @@
 
 Shipped optimizers live in the repository's `checkpoints/` (one folder per name: the orbax
 checkpoint, a model card `README.md`, tables and curves). `checkpoints/shipped.json` lists
-them, with a description, the horizon they default to and a SHA-256 of their weights; every
+them, with a description, the horizon they default to, settings chosen after
+meta-training (a `weight_decay`, chosen on the optimizer's own meta-validation tasks with
+`python -m evaluate.measure.valid_sweep`) and a SHA-256 of their weights; every
 load recomputes the hash and refuses weights that do not match, so a truncated download or
 an edited file is an error, never a silently different optimizer. An installed wheel
 carries the same folders as `lopt/shipped/` (see `setup.py`); a checkout reads
@@ -15,6 +17,7 @@ carries the same folders as `lopt/shipped/` (see `setup.py`); a checkout reads
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -80,13 +83,16 @@ def weights_sha256(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(name: str, num_steps: int | None = None):
+def load_pretrained(name: str, num_steps: int | None = None, weight_decay: float | None = None):
     """A shipped optimizer with its meta-parameters, checked against its hash.
 
     Args:
       name: one of `pretrained()`.
       num_steps: the training horizon (>= 1; default: the one the index gives, the
         horizon the optimizer was meta-trained or evaluated at).
+      weight_decay: decoupled weight decay per step, on the rule's own schedule (the
+        per-parameter MLP's `weight_decay` option; None: the index's `weight_decay` where
+        it gives one, chosen on the optimizer's meta-validation tasks, else the checkpoint's).
 
     Returns:
       `(tx, theta, lopt)`, as `lopt.export.load_optax`.
@@ -110,11 +116,23 @@ def load_pretrained(name: str, num_steps: int | None = None):
     from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
 
     horizon = int(entry["num_steps"]) if num_steps is None else num_steps
-    return load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
+    tx, theta, lopt = load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
+    if weight_decay is None:  # the index may ship the rule with a decay chosen after training
+        weight_decay = entry.get("weight_decay")
+    if weight_decay is not None:
+        if not hasattr(lopt, "weight_decay"):
+            raise PretrainedError(
+                f"shipped optimizer {name!r} ({type(lopt).__name__}) has no weight_decay option"
+            )
+        from lopt.export import as_optax  # noqa: PLC0415
+
+        lopt = dataclasses.replace(lopt, weight_decay=float(weight_decay))  # checks its range
+        tx = as_optax(lopt, theta, horizon)
+    return tx, theta, lopt
 
 
 def pretrained(
-    name: str | None = None, num_steps: int | None = None
+    name: str | None = None, num_steps: int | None = None, weight_decay: float | None = None
 ) -> list[str] | optax.GradientTransformationExtraArgs:
     """A shipped learned optimizer as an optax transformation, or the list of them.
 
@@ -122,6 +140,8 @@ def pretrained(
       name: which one; None lists the names.
       num_steps: the number of steps you will train for (>= 1; default: the optimizer's
         own, see `checkpoints/NAME/README.md`).
+      weight_decay: decoupled weight decay per step, on the rule's step schedule (None: the
+        one it shipped with; see its model card for what was measured).
 
     Returns:
       With a name, an `optax.GradientTransformationExtraArgs` whose
@@ -130,7 +150,7 @@ def pretrained(
     """
     if name is None:
         return sorted(_index())
-    return load_pretrained(name, num_steps)[0]
+    return load_pretrained(name, num_steps, weight_decay)[0]
 
 
 def describe() -> dict[str, str]:
@@ -169,6 +189,8 @@ def harness(
     from lopt.export import scale_by_learned  # noqa: PLC0415
 
     _, theta, lopt = load_pretrained(name, num_steps)
+    if getattr(lopt, "weight_decay", 0.0):  # the harness decays weights itself, once
+        lopt = dataclasses.replace(lopt, weight_decay=0.0)
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1))
     parts = [scale_by_learned(lopt, theta, num_steps)]
     if orthogonalise:

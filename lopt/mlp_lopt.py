@@ -175,6 +175,12 @@ class MLPLOpt:
         'fused' for networks of at most `lopt.fused.FUSED_MAX_MULTIPLY_ADDS` per parameter, where it
         measured faster, and 'matmul' for wider ones, whose unrolled pass compiles slowly
         and runs no faster (docs/speed.md).
+      weight_decay: decoupled weight decay per step (Loshchilov & Hutter, "Decoupled
+        weight decay regularization", ICLR 2019): every float parameter also moves by
+        `-weight_decay * s(t) * p`, with the same schedule `s(t)` (and past-horizon decay)
+        as the step. Not a meta-parameter: a fixed pressure towards small weights, which
+        the learned rule cannot express by itself and which keeps it from overfitting
+        small datasets (docs/generalist.md). 0 turns it off.
     """
 
     hidden_size: int = 32
@@ -191,6 +197,7 @@ class MLPLOpt:
     feature_norm: bool = True
     output_norm: str = "none"
     impl: str = "auto"
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -221,6 +228,8 @@ class MLPLOpt:
             problems.append(f"output_norm must be one of {OUTPUT_NORMS}, got {self.output_norm!r}")
         if self.schedule_head < 0:
             problems.append(f"schedule_head must be >= 0 (0: off), got {self.schedule_head}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if problems:
             raise ValueError("MLPLOpt: " + "; ".join(problems))
 
@@ -302,11 +311,20 @@ class MLPLOpt:
             updates = [output(raw[o : o + n]) for o, n in zip(offsets, sizes, strict=True)]
             scales = tensor_scales([p.shape for p in split.params], shared)
             updates = [step_mult * u * sc for u, sc in zip(updates, scales, strict=True)]
+            updates = decayed(updates, split.params, state)
             return join_updates(split, updates), new_state
 
         def output(raw: jax.Array) -> jax.Array:
             """One tensor's network output as the update direction (`output_norm`)."""
             return rms_normalise(raw) if self.output_norm == "rms" else raw
+
+        def decayed(updates: list[Any], params: list[Any], state: MLPLOptState) -> list[Any]:
+            """`updates` with the decoupled weight decay (`weight_decay`) added."""
+            if not self.weight_decay:
+                return updates
+            rate = step_scale(self, state.step, state.num_steps, self.weight_decay)
+            # the matmul path's updates are flat, the fused path's shaped: follow the update
+            return [u - rate * p.reshape(u.shape) for u, p in zip(updates, params, strict=True)]
 
         def tensor_scales(shapes: list[tuple[int, ...]], shared: jax.Array) -> list[Any]:
             """Each tensor's update multiplier: width scaling times the learned schedule."""
@@ -350,6 +368,6 @@ class MLPLOpt:
                 rms.append(v)
                 updates.append(step_mult * output(d * jnp.exp(self.exp_mult * mag)) * scale)
             new_state = MLPLOptState(momenta, rms, new_step, state.num_steps)
-            return join_updates(split, updates), new_state
+            return join_updates(split, decayed(updates, split.params, state)), new_state
 
         return Optimizer(init, update)

@@ -262,7 +262,7 @@ def build_run(config: Config, family: TaskFamily | None = None) -> Run:
         episodes,
         pairs_per_group=m.num_pairs // m.task_groups,
         sigma=m.sigma,
-        objective=WindowObjective(m.objective, m.sign_diff, m.diff_clip),
+        objective=WindowObjective(m.objective, m.sign_diff, m.diff_clip, m.late_weight),
         stagger=m.stagger,
     )
     outer_opt = outer_optimizer(

@@ -233,6 +233,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "stagger": OneOf(_staggers),
         "sign_diff": BOOL,
         "diff_clip": Rule("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
+        "late_weight": Rule("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
     },
     "eval": {
         "num_tasks": int_at_least(1),
@@ -400,6 +401,9 @@ class MetaConfig:
         run each pair a random number of windows, discarding their gradients) or 'none'.
       sign_diff: use only the sign of each antithetic loss difference.
       diff_clip: clip antithetic loss differences to ±diff_clip (0: off).
+      late_weight: weight each window by the episode's progress at its end, raised to this
+        power (0: all windows alike; ES estimators only): the meta-objective then leans on
+        the end of training, where overfitting shows (`WindowObjective.late_weight`).
 
     Learning rates, sigma and the clips are finite and > 0 (diff_clip >= 0); counts >= 1.
     """
@@ -423,9 +427,12 @@ class MetaConfig:
     stagger: str = "truncate"
     sign_diff: bool = False
     diff_clip: float = 0.0
+    late_weight: float = 0.0
 
     def __post_init__(self):
         check_section("meta", self)
+        if self.estimator == "tbptt" and self.late_weight:
+            raise ConfigError("meta.late_weight weights ES differences: tbptt takes 0")
         if self.estimator == "full_es" and not (
             self.window == self.min_episode_len == self.max_episode_len
         ):

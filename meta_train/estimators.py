@@ -23,6 +23,7 @@ The per-window objective is set by `WindowObjective`: the mean per-step loss ove
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -47,15 +48,24 @@ class WindowObjective:
         (the problem's `eval_loss` of the state at the end of the window, before any reset).
       sign: use only the sign of each antithetic loss difference.
       clip: clip each antithetic loss difference to [-clip, clip] (0: off).
+      late_weight: weight each window's (transformed) difference by the episode's progress
+        at the window's end, `(step / length) ** late_weight` (0: every window alike). A
+        learned optimizer is judged by the loss it reaches at the end of training (and a
+        tuned Adam's learning rate is chosen so): uniform weights let the many early
+        windows, where fitting fast always pays, outvote the few late ones where fitting
+        fast overfits.
     """
 
     kind: str = "mean"
     sign: bool = False
     clip: float = 0.0
+    late_weight: float = 0.0
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.kind!r}; known: {OBJECTIVES}")
+        if not (math.isfinite(self.late_weight) and self.late_weight >= 0):
+            raise ValueError(f"late_weight must be a finite number >= 0, got {self.late_weight}")
 
     def split(self, out: WindowOut) -> tuple[jax.Array, jax.Array]:
         """Per member: the window objective of the steps before and after a reset.
@@ -81,6 +91,24 @@ class WindowObjective:
     @property
     def needs_eval(self) -> bool:
         return self.kind == "valid_final"
+
+    def progress_weights(
+        self, end: Particle, crossed: jax.Array, dtype: Any = jnp.float32
+    ) -> tuple[jax.Array, jax.Array]:
+        """Per pair: the weights of the differences before and after a reset (`late_weight`).
+
+        Args:
+          end: the pairs' particles after the window ([pairs, members] leaves).
+          crossed: [pairs] whether an episode ended inside the window.
+          dtype: the weights' dtype (the meta-parameters').
+
+        Returns:
+          `(w_before, w_after)`, each [pairs]: an episode that ended inside the window is
+          at progress 1; the episode running at the window's end at `step / length`.
+        """
+        now = end.step[:, 0].astype(dtype) / jnp.maximum(end.length[:, 0], 1).astype(dtype)
+        before = jnp.where(crossed, 1.0, now)
+        return before**self.late_weight, now**self.late_weight
 
     def transform(self, diff: jax.Array) -> jax.Array:
         """Sign or clip of an antithetic loss difference; NaN differences become 0."""
@@ -336,12 +364,15 @@ class PersistentES(_Base):
         ok = jnp.all(out.finite, axis=(1, 2))
         d_before = jnp.where(ok, self.objective.transform(before[:, 0] - before[:, 1]), 0.0)
         d_after = jnp.where(ok, self.objective.transform(after[:, 0] - after[:, 1]), 0.0)
+        crossed = jnp.any(out.resets, axis=1)
+        if self.objective.late_weight:
+            w_before, w_after = self.objective.progress_weights(particles, crossed, theta.dtype)
+            d_before, d_after = w_before * d_before, w_after * d_after
         c = 1.0 / (2.0 * self.sigma**2)
         per_pair = c * (d_before[:, None] * xi + d_after[:, None] * eps)
         # After an episode end, ξ restarts from the ε the new episode has run with so far:
         # ε if it ran steps inside this window, nothing if the reset fell on the last step.
         # (Fresh states are treated as independent of θ.)
-        crossed = jnp.any(out.resets, axis=1)
         ran_after = jnp.any(jax.vmap(WindowOut.segment)(out) > 0, axis=1)
         restart = jnp.where(ran_after[:, None], eps, 0.0)
         new_accum = jnp.where(crossed[:, None], restart, xi) if self.mode == "pes" else accum
@@ -542,5 +573,7 @@ def make_estimator(
             )
         return FullES(**common, sigma=sigma)
     if name == "tbptt":
+        if objective.late_weight:
+            raise ValueError("late_weight weights ES differences; tbptt has none (set it to 0)")
         return TBPTT(**common)
     raise ValueError(f"unknown estimator {name!r}; known: {ESTIMATORS}")

@@ -184,3 +184,18 @@ def test_the_quick_suite_runs_with_the_shipped_optimizer(tmp_path):
     agg = results["aggregate"]["mnist1d-mlp-pes"]["valid"]
     assert agg["tasks"] == 2 and agg["win_rate"] is not None
     assert "Speed-up" in proc.stdout
+
+
+def test_a_shipped_optimizers_cached_results_follow_its_index_entry(monkeypatch):
+    # A new release under the same name (new weights, or a new weight decay) must not reuse
+    # the old release's results: the index entry is part of the jobs' key.
+    from evaluate.bench import cli
+    from evaluate.bench.specs import parse_spec
+    from lopt import hub
+
+    spec = parse_spec("generalist")
+    before = cli._spec_identity(spec)
+    assert hub._index()["generalist"]["sha256"] in before
+    entry = dict(hub._index()["generalist"], weight_decay=0.5)
+    monkeypatch.setattr(hub, "_index", lambda: {"generalist": entry})
+    assert cli._spec_identity(spec) != before

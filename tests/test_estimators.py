@@ -348,3 +348,44 @@ def test_two_task_groups_average_over_all_pairs():
     # values ~1 (a mean over 16,384 of them): rtol=1e-5.
     np.testing.assert_allclose(float(m["meta_loss"]), expected_loss, rtol=1e-5)
     assert len(state.particles) == 2 and int(m["diverged_pairs"]) == 0
+
+
+@pytest.mark.parametrize("mode", ["es_single", "pes"])
+def test_late_weight_scales_each_window_by_the_episode_progress_at_its_end(mode):
+    with jax.enable_x64(True):
+        T, K, p = 30, 5, 2.0
+        theta = jnp.array([0.1, -0.5], jnp.float64)
+
+        def estimator(late_weight):
+            return make_estimator(
+                mode,
+                (Toy2DRegression(horizon=T),),
+                EpisodeSchedule(K, T, T),
+                pairs_per_group=8,
+                sigma=0.3,
+                objective=WindowObjective(late_weight=late_weight),
+                stagger="none",
+            )
+
+        keys = [jax.random.PRNGKey(50 + i) for i in range(T // K + 1)]
+        plain, _ = _estimate(estimator(0.0), theta, keys)
+        late, _ = _estimate(estimator(p), theta, keys)
+        # window i ends at step (i + 1)·K of the episode; the 7th starts a new one
+        progress = [(i + 1) * K / T for i in range(T // K)] + [K / T]
+        for g_plain, g_late, frac in zip(plain, late, progress, strict=True):
+            np.testing.assert_allclose(g_late, frac**p * g_plain, rtol=1e-10)
+
+
+def test_late_weight_must_be_finite_and_non_negative():
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="late_weight"):
+            WindowObjective(late_weight=bad)
+    with pytest.raises(ValueError, match="late_weight"):
+        make_estimator(
+            "tbptt",
+            (Toy2DRegression(horizon=10),),
+            EpisodeSchedule(5, 10, 10),
+            pairs_per_group=2,
+            sigma=0.1,
+            objective=WindowObjective(late_weight=1.0),
+        )

@@ -74,9 +74,19 @@ def _assert_close(a, b, rtol=1e-5):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale)
 
 
-_NAMES = ("feature_norm", "width_scaling", "schedule_head", "step_schedule", "output_norm")
-_DEFAULT_STAGE = ((True, "fan_in", 4, "cosine", "rms"), (False, "none", 0, "constant", "none"))
-# The default stage checks every switch on and every switch off; the slow stage all 32.
+_NAMES = (
+    "feature_norm",
+    "width_scaling",
+    "schedule_head",
+    "step_schedule",
+    "output_norm",
+    "weight_decay",
+)
+_DEFAULT_STAGE = (
+    (True, "fan_in", 4, "cosine", "rms", 1e-2),
+    (False, "none", 0, "constant", "none", 0.0),
+)
+# The default stage checks every switch on and every switch off; the slow stage all 64.
 SWITCHES = [
     pytest.param(
         dict(zip(_NAMES, combo, strict=True)),
@@ -84,7 +94,12 @@ SWITCHES = [
         id="-".join(map(str, combo)),
     )
     for combo in itertools.product(
-        (True, False), ("none", "fan_in"), (0, 4), ("constant", "cosine"), ("none", "rms")
+        (True, False),
+        ("none", "fan_in"),
+        (0, 4),
+        ("constant", "cosine"),
+        ("none", "rms"),
+        (0.0, 1e-2),
     )
 ]
 

@@ -149,3 +149,14 @@ def test_the_harness_of_optax_parts_trains_with_and_without_orthogonalisation():
         losses, p = _train(tx, params, loss_fn, 300)
         assert np.all(np.isfinite(losses))
         assert losses[-10:].mean() < 0.8 * losses[0], (orthogonalise, losses[0], losses[-1])
+
+
+def test_weight_decay_comes_from_the_index_and_a_caller_can_override_it():
+    index = shipped._index()
+    for name in lopt.pretrained():
+        _, _, rule = load_pretrained(name)
+        assert rule.weight_decay == index[name].get("weight_decay", 0.0), name
+    _, _, rule = load_pretrained("generalist", weight_decay=0.0)
+    assert rule.weight_decay == 0.0  # the rule exactly as meta-trained
+    with pytest.raises(ValueError, match="weight_decay"):
+        lopt.pretrained("generalist", weight_decay=-1e-3)

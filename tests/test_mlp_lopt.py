@@ -211,6 +211,26 @@ def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_refere
         np.testing.assert_allclose(u1[name], factor * np.asarray(u0[name]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("impl", ["fused", "matmul"])
+def test_weight_decay_moves_every_parameter_by_minus_rate_times_schedule_times_itself(impl):
+    params, grads = _tree_and_grads()
+    params["half"] = jnp.ones((3, 5), jnp.bfloat16)
+    grads["half"] = jnp.full((3, 5), 0.25, jnp.bfloat16)
+    lopt = MLPLOpt(hidden_size=4, step_schedule="cosine", impl=impl, weight_decay=1e-2)
+    theta = perturbed_theta(lopt)
+    plain = dataclasses.replace(lopt, weight_decay=0.0).optimizer(theta)
+    opt = lopt.optimizer(theta)
+    s = opt.init(params, 100)
+    s = s._replace(step=jnp.int32(50))  # half-way: the cosine schedule is at 0.5
+    u, _ = opt.update(grads, s, params, 1.0)
+    u_plain, _ = plain.update(grads, s, params, 1.0)
+    for name in params:
+        want = np.asarray(u_plain[name], np.float32) - 0.5e-2 * np.asarray(params[name], np.float32)
+        tol = 1e-2 if name == "half" else 1e-5
+        np.testing.assert_allclose(u[name], want, rtol=tol, atol=tol * 1e-3, err_msg=name)
+        assert u[name].dtype == params[name].dtype
+
+
 @pytest.mark.parametrize("impl", ["fused", pytest.param("matmul", marks=pytest.mark.slow)])
 def test_rms_output_gives_every_tensor_a_step_of_rms_step_mult_times_its_scales(impl):
     params, grads = _tree_and_grads()
@@ -432,6 +452,8 @@ def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays(
         ({"width_ref": 0.0}, "width_ref"),
         ({"schedule_head": -1}, "schedule_head"),
         ({"output_norm": "l2"}, "output_norm"),
+        ({"weight_decay": -1e-3}, "weight_decay"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
     ],
 )
 def test_meaningless_settings_are_refused_naming_the_setting(kwargs, key):

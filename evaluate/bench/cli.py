@@ -142,7 +142,13 @@ def _specs(texts: list[str]) -> list:
 
 def _spec_identity(spec: Any) -> str:
     """What else determines a SPEC's optimizer: a checkpoint's saved steps and the step it
-    loads (the best-marked one, which can move between existing steps)."""
+    loads (the best-marked one, which can move between existing steps); a shipped
+    optimizer's index entry (its weights' hash, step and settings, which a new release
+    changes under the same name)."""
+    if spec.kind == "shipped":
+        from lopt.hub import _index  # noqa: PLC0415
+
+        return json.dumps(_index()[spec.target], sort_keys=True)
     if spec.kind != "checkpoint":
         return ""
     from meta_train.checkpoint import pick_step, saved_steps  # noqa: PLC0415

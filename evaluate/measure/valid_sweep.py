@@ -1,0 +1,85 @@
+"""Score a trained θ on its run's meta-validation tasks with one optimizer option swept.
+
+    python -m evaluate.measure.valid_sweep checkpoints/generalist \
+        --option weight_decay --values 0 1e-3 3e-3 1e-2 [--seeds 3] [--out FILE.json]
+
+An option that is not a meta-parameter (the per-parameter MLP's `weight_decay`, say) can be
+chosen after meta-training, but choosing it on a benchmark would tune on the test. This
+chooses it where the recipe chose its checkpoint: the run's own meta-validation tasks
+(`meta_train.validation`: held-out tasks of the family, split from the evaluation's by
+their key), scored as meta-validation scores (final validation loss ÷ Adam's at
+`valid.adam_lr`, mean over tasks; lower is better). The benchmark suites stay a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from meta_train.cli import UserError, run_cli
+
+_EXAMPLES = """\
+example:
+  %(prog)s checkpoints/generalist --option weight_decay --values 0 1e-3 3e-3 1e-2
+"""
+
+
+def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list[dict]:
+    """Meta-validation scores of the checkpoint's θ with `option` set to each value.
+
+    Args:
+      checkpoint: a meta-training checkpoint directory (or a shipped optimizer's folder).
+      option: a field of the checkpoint's learned optimizer.
+      values: the values to score.
+      seeds: seeds per validation task.
+
+    Returns:
+      One row per value: the value, `score` and the per-task ratios.
+    """
+    from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
+    from meta_train.build import build_run  # noqa: PLC0415
+    from meta_train.config import from_dict  # noqa: PLC0415
+    from meta_train.validation import build_validator  # noqa: PLC0415
+
+    theta, saved = load_theta(checkpoint)
+    config = from_dict(saved)
+    config = dataclasses.replace(config, valid=dataclasses.replace(config.valid, num_seeds=seeds))
+    run = build_run(config)
+    if not any(f.name == option for f in dataclasses.fields(run.lopt)):
+        raise UserError(f"{type(run.lopt).__name__} has no option {option!r}")
+    validator = build_validator(run)
+    rows = []
+    for value in values:
+        validator.lopt = dataclasses.replace(run.lopt, **{option: value})
+        scores = validator(theta)
+        rows.append({option: value, **scores})
+        print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate.measure.valid_sweep",
+        description=__doc__.split("\n\n")[2].replace("\n", " "),
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a checkpoint directory or a shipped optimizer's folder")
+    p.add_argument("--option", required=True, help="a learned-optimizer option to sweep")
+    p.add_argument("--values", required=True, nargs="+", type=float, help="its values")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per validation task (3)")
+    p.add_argument("--out", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        raise UserError(f"no checkpoint directory {args.checkpoint}")
+    rows = sweep(args.checkpoint, args.option, args.values, args.seeds)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,38 @@
+"""`evaluate.measure.valid_sweep`: an option chosen on a run's meta-validation tasks."""
+
+import json
+
+import pytest
+
+from evaluate.measure import valid_sweep
+from meta_train.cli import UserError
+
+
+def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
+    out = tmp_path / "rows.json"
+    valid_sweep.main(
+        [
+            "checkpoints/mnist1d-mlp-pes",
+            "--option",
+            "weight_decay",
+            "--values",
+            "0",
+            "1e-2",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    assert [r["weight_decay"] for r in rows] == [0.0, 1e-2]
+    # a different rule gives a different score; both finite, both against the same Adam
+    assert rows[0]["score"] != rows[1]["score"]
+    assert all(0 < r["score"] < 10 for r in rows)
+
+
+def test_an_unknown_option_or_folder_is_a_user_error():
+    with pytest.raises(UserError, match="no option 'nope'"):
+        valid_sweep.main(["checkpoints/mnist1d-mlp-pes", "--option", "nope", "--values", "1"])
+    with pytest.raises(UserError, match="no checkpoint directory"):
+        valid_sweep.main(["no/such/dir", "--option", "weight_decay", "--values", "1"])
