@@ -8,6 +8,7 @@ from evaluate.measure import valid_sweep
 from meta_train.cli import UserError
 
 
+@pytest.mark.slow  # 25 s: the default stage is close to its 10 minutes
 def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     out = tmp_path / "rows.json"
     valid_sweep.main(
