@@ -85,6 +85,10 @@ MEASURE_TOOLS: dict[str, tuple[str, str]] = {
         "optimizer architectures at equal meta-training budget",
     ),
     "plot-runs": ("evaluate.measure.plot_runs", "plot meta-training runs from metrics.jsonl"),
+    "valid-sweep": (
+        "evaluate.measure.valid_sweep",
+        "choose an optimizer option on a run's meta-validation tasks",
+    ),
 }
 """``lopt measure`` tools → (module, one-line description)."""
 

@@ -16,6 +16,11 @@ measure this project's meta-training and optimizers, and each runs as its own co
   `python -m evaluate.measure.compare_lopts` (learned-optimizer architectures).
 - `evaluate.measure.plot_runs`: meta-loss, estimator variance and meta-validation score of
   runs from their metrics.jsonl. `python -m evaluate.measure.plot_runs runs/a runs/b --out x.png`
+- `evaluate.measure.valid_sweep`: a trained θ's meta-validation score with one option of
+  its optimizer swept, to choose a setting that is not meta-trained (a weight decay) on
+  validation tasks rather than on a benchmark.
+  `python -m evaluate.measure.valid_sweep checkpoints/generalist --option weight_decay
+  --values 0 3e-3`
 
 Each `main(argv=None, prog=None)` takes its arguments as a list, so a dispatcher can call it.
 """

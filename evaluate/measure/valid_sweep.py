@@ -60,9 +60,10 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the sweep from the command line (`--help`); returns the exit status."""
     p = argparse.ArgumentParser(
-        prog="python -m evaluate.measure.valid_sweep",
+        prog=prog or "python -m evaluate.measure.valid_sweep",
         description=__doc__.split("\n\n")[2].replace("\n", " "),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
