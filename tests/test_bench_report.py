@@ -72,9 +72,9 @@ def _baseline(lr_index, *, all_diverged=False):
     }
 
 
-def _agg(valid, train, diverged, runs, ratio):
+def _agg(valid, train, diverged, runs, ratio, wall=None):
     return {"valid": valid, "train": train, "diverged": diverged, "runs": runs,
-            "step_time_ratio_median": ratio}  # fmt: skip
+            "step_time_ratio_median": ratio, "wall_valid": wall or {}}  # fmt: skip
 
 
 def _split(median, iqm, win_rate, never, tasks=2):
@@ -150,7 +150,14 @@ def make_results():
         "failed": [{"task": "lm-tiny@100", "row": "sgdm", "error": "RuntimeError: boom"}],
         "tasks": [mlp, lm],
         "aggregate": {
-            "cand": _agg(_split(2.5, 2.5, 1.0, 0), _split(0.75, 0.75, 0.5, 1), 1, 6, 1.5),
+            "cand": _agg(
+                _split(2.5, 2.5, 1.0, 0),
+                _split(0.75, 0.75, 0.5, 1),
+                1,
+                6,
+                1.5,
+                _split(1.67, 1.67, 1.0, 0),
+            ),
             "adam": _agg(_split(1.0, 1.0, 1.0, 0), _split(1.0, 1.0, 1.0, 0), 0, 6, 1.0),
             "adam_cosine": _agg(_split(0.95, 0.95, 0.5, 0), _split(0.8, 0.8, 0.0, 0), 0, 6, 1.015),
             "sgdm": _agg(_split(0.0, 0.0, 0.0, 1, 1), _split(0.0, 0.0, 0.0, 1, 1), 0, 3, 0.95),
@@ -187,8 +194,9 @@ def test_format_markdown_numbers():
     assert "suite `classic`" in md and "3 seeds, 2 tasks (1 skipped), wall time 2m05s" in md
     # Summary: median, IQM (valid, train), win rates, never counts, diverged, step time.
     assert _row(md, "## Summary", "cand")[1:] == [
-        "2.50×", "2.50×", "0.75×", "0.75×", "100% / 50%", "0 / 1 of 2", "1/6", "1.50×",
+        "2.50×", "2.50×", "0.75×", "0.75×", "100% / 50%", "0 / 1 of 2", "1/6", "1.50×", "1.67×",
     ]  # fmt: skip
+    assert _row(md, "## Summary", "Adam (tuned)")[-1] == "n/a"  # no wall time given
     assert _row(md, "## Summary", "Adam (tuned)")[1] == "1.00×"
 
     # Per task: valid (train) speed-ups; "never"; the failed run as n/a; Adam itself 1.00×.

@@ -44,3 +44,6 @@ def test_aggregate_skips_tasks_without_a_reference_point_and_counts_never():
     assert agg["valid"]["median"] == 0.5 and agg["valid"]["win_rate"] == 1 / 3
     assert agg["diverged"] == 4 and agg["runs"] == 12  # divergence counts on every task
     assert agg["step_time_ratio_median"] == 2.0
+    # wall time: each speed-up over its step time (2.0 here); never stays never
+    assert agg["wall_valid"]["tasks"] == 3 and agg["wall_valid"]["never"] == 1
+    assert agg["wall_valid"]["median"] == 0.25 and agg["wall_valid"]["win_rate"] == 1 / 3

@@ -39,8 +39,11 @@ _READING_GUIDE = (
     "(interquartile mean: the mean of the middle half of tasks). Win rate = share of tasks "
     "with speed-up ≥ 1. Diverged = seeds with a non-finite number or a final training loss "
     "above the loss of their first steps. Step time = wall-clock time per step ÷ Adam's, "
-    "measured in the same process. The row *{fresh}* re-runs tuned Adam on fresh seeds "
-    "(new init and batches): its distance from 1.00× is the noise level of these numbers."
+    "measured in the same process. Wall time (valid) = the median over tasks of the "
+    "validation speed-up ÷ the step time: how much sooner, in seconds, it reaches tuned "
+    "Adam's best validation loss (*never* counts as 0). The row *{fresh}* re-runs tuned "
+    "Adam on fresh seeds (new init and batches): its distance from 1.00× is the noise level "
+    "of these numbers."
 )
 
 
@@ -143,6 +146,7 @@ def _summary_table(results: dict) -> str:
         "never (valid / train)",
         "diverged",
         "step time",
+        "wall time (valid): median",
     ]
     agg_all = results.get("aggregate", {})
     rows = []
@@ -160,6 +164,7 @@ def _summary_table(results: dict) -> str:
                 _fmt_never(v, t),
                 _fmt_count(agg.get("diverged"), agg.get("runs")),
                 _fmt_x(agg.get("step_time_ratio_median")),
+                _fmt_x(agg.get("wall_valid", {}).get("median")),
             ]
         )
     return _table(head, rows)

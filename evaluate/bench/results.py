@@ -162,7 +162,7 @@ def count_diverged(run: dict[str, Any]) -> int:
 
 def _aggregate(tasks: list[dict[str, Any]], row: str) -> dict[str, Any]:
     """Summary of one row over the tasks where it and the reference both ran."""
-    valid, train, ratios = [], [], []
+    valid, train, ratios, wall = [], [], [], []
     diverged = runs = 0
     for t in tasks:
         run = t["runs"].get(row)
@@ -176,9 +176,14 @@ def _aggregate(tasks: list[dict[str, Any]], row: str) -> dict[str, Any]:
             continue  # no reference point on this task: neither a win nor a loss
         valid.append(run["speed_up_valid"]["speed_up"])
         train.append(run["speed_up_train"]["speed_up"])
+        ratio = run.get("step_time_ratio")
+        if ratio:  # in seconds: the speed-up in steps over the cost of a step
+            wall.append(None if valid[-1] is None else valid[-1] / ratio)
     return {
         "valid": aggregate(valid),
         "train": aggregate(train),
+        # Over the tasks with a measured step time (every task of a normal run).
+        "wall_valid": aggregate(wall),
         "diverged": diverged,
         "runs": runs,
         "step_time_ratio_median": float(np.median(ratios)) if ratios else None,
