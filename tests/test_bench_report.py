@@ -290,6 +290,7 @@ def test_write_report_offline(tmp_path, restore_wandb_env):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["speed_up_valid_median/cand"] == 2.5
     assert summary["never_train/cand"] == 1 and summary["num_skipped"] == 1
+    assert summary["wall_speed_up_valid_median/cand"] == 1.67
 
 
 def test_write_report_disabled_and_strict_json(tmp_path, restore_wandb_env):

@@ -556,7 +556,8 @@ def summary_values(results: dict) -> dict[str, float | int | None]:
 
     Returns:
       key -> number or None: per row, median and IQM speed-up, win rate and never count on
-      validation and training loss, diverged and total runs, median step-time ratio; plus
+      validation and training loss, diverged and total runs, median step-time ratio and
+      median wall-time speed-up on validation loss; plus
       counts of tasks, skipped tasks and failed runs, and the wall time.
     """
     out: dict[str, float | int | None] = {
@@ -576,6 +577,7 @@ def summary_values(results: dict) -> dict[str, float | int | None]:
         out[f"diverged/{row}"] = agg.get("diverged")
         out[f"runs/{row}"] = agg.get("runs")
         out[f"step_time_ratio_median/{row}"] = agg.get("step_time_ratio_median")
+        out[f"wall_speed_up_valid_median/{row}"] = agg.get("wall_valid", {}).get("median")
     return out
 
 
