@@ -178,9 +178,10 @@ class MLPLOpt:
       weight_decay: decoupled weight decay per step (Loshchilov & Hutter, "Decoupled
         weight decay regularization", ICLR 2019): every float parameter also moves by
         `-weight_decay * s(t) * p`, with the same schedule `s(t)` (and past-horizon decay)
-        as the step. Not a meta-parameter: a fixed pressure towards small weights, which
-        the learned rule cannot express by itself and which keeps it from overfitting
-        small datasets (docs/generalist.md). 0 turns it off.
+        as the step. Not a meta-parameter: a fixed pressure towards small weights against
+        overfitting small datasets, which the rules meta-trained here did not learn (with
+        the decay inside meta-training they learned to push against it; docs/generalist.md).
+        0 turns it off.
     """
 
     hidden_size: int = 32
