@@ -43,6 +43,9 @@ class SplitTree(NamedTuple):
       params: the float leaves, as float32.
       grads: their gradients, as float32, non-finite entries set to 0.
       finite: per float leaf, where its gradient was finite.
+      raw_grads: their gradients, as float32, unmasked: for elementwise passes whose
+        result is discarded where the gradient is not finite (`ema`, `join_updates`), so
+        that the masked gradient, which a reduction needs, is not also read there.
     """
 
     treedef: Any
@@ -51,6 +54,7 @@ class SplitTree(NamedTuple):
     params: list[jax.Array]
     grads: list[jax.Array]
     finite: list[jax.Array]
+    raw_grads: list[jax.Array]
 
 
 def split_tree(grads: Any, params: Any, num_state_leaves: int | None = None) -> SplitTree:
@@ -75,14 +79,15 @@ def split_tree(grads: Any, params: Any, num_state_leaves: int | None = None) -> 
             f"params have {len(index)} float leaves, the optimizer state was made "
             f"for {num_state_leaves}: init the state with these params"
         )
-    ps, gs, fs = [], [], []
+    ps, gs, fs, raw = [], [], [], []
     for i in index:
         g = jnp.asarray(g_all[i]).astype(jnp.float32)
         finite = jnp.isfinite(g)
         ps.append(jnp.asarray(leaves[i]).astype(jnp.float32))
         gs.append(jnp.where(finite, g, 0.0))
         fs.append(finite)
-    return SplitTree(treedef, leaves, index, ps, gs, fs)
+        raw.append(g)
+    return SplitTree(treedef, leaves, index, ps, gs, fs, raw)
 
 
 def join_updates(split: SplitTree, updates: list[jax.Array]) -> Any:
@@ -203,8 +208,8 @@ def moment_feature_arrays(
     The fused per-parameter networks (`lopt.fused`) take the features one array each, in
     the order of `MomentFeatures.parts` (p, g, momenta, rms, momenta / sqrt(rms),
     g / sqrt(rms)), and normalise them by the sums of `squares`. The squares of the ratio
-    features are written as m² / (rms + eps), not (m · rsqrt(rms + eps))², so the reduction
-    and the network share no expensive intermediate and XLA materialises none.
+    features are written as m² · (1 / (rms + eps)), not (m · rsqrt(rms + eps))², so the
+    reduction and the network share no expensive intermediate and XLA materialises none.
 
     Args:
       p: the parameter (float32).
@@ -219,9 +224,11 @@ def moment_feature_arrays(
     ms = [momenta[k] for k in range(momenta.shape[0])]
     inv = jax.lax.rsqrt(rms + EPS)
     features = [p, g, *ms, rms, *[m * inv for m in ms], g * inv]
-    denom = rms + EPS
+    # one division shared by the five ratio squares: a division per square made the
+    # reduction twice as slow on the CPU (2.8 against 1.35 ms on 900k parameters)
+    inv_denom = 1.0 / (rms + EPS)
     squares = [p * p, g * g, *[m * m for m in ms], rms * rms]
-    squares += [m * m / denom for m in ms] + [g * g / denom]
+    squares += [m * m * inv_denom for m in ms] + [g * g * inv_denom]
     return features, squares
 
 

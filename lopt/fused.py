@@ -87,7 +87,10 @@ def tensor_sums(arrays: Sequence[jax.Array]) -> jax.Array:
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
         (1,),
     )
-    return jnp.stack([jnp.sum(p) for p in partial])
+    # One reduction of the stacked partial sums, not one per array: on small tensors each
+    # reduction is a kernel launch, and launches are most of a small tensor's cost.
+    partial = jnp.stack(partial)
+    return partial[:, 0] if rows == 1 else jnp.sum(partial, axis=1)
 
 
 def _dense(weights: jax.Array, bias: jax.Array, inputs: list[jax.Array]) -> list[jax.Array]:

@@ -204,7 +204,7 @@ def _apply_bank(bank: MetaParams, x: jax.Array, mix: jax.Array) -> jax.Array:
 
 
 def _fused_tensor_inputs(
-    p: jax.Array, g: jax.Array, finite: jax.Array, m: jax.Array, v: jax.Array
+    p: jax.Array, g: jax.Array, raw: jax.Array, finite: jax.Array, m: jax.Array, v: jax.Array
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """One tensor's per-parameter features (one array each), their normalising factors and
     its summary means, all sums in one reduction (`lopt.fused.tensor_sums`).
@@ -214,7 +214,9 @@ def _fused_tensor_inputs(
 
     Args:
       p: the parameter (float32).
-      g: its gradient, non-finite entries zeroed.
+      g: its gradient, non-finite entries zeroed (for the sums).
+      raw: its gradient unmasked (for the features: their updates are discarded where the
+        gradient is not finite, and the pass then reads no masked copy).
       finite: where the gradient was finite.
       m: [n_decays, *shape] momenta after this step.
       v: the mean square after this step.
@@ -223,7 +225,8 @@ def _fused_tensor_inputs(
       `(features, norms, means)`: the raw features, [features] rsqrt of their mean squares
       (+ eps), and the [5 + 2 * n_decays] summary means.
     """
-    feats, squares = moment_feature_arrays(p, g, m, v)
+    _, squares = moment_feature_arrays(p, g, m, v)
+    feats, _ = moment_feature_arrays(p, raw, m, v)
     n_decays = m.shape[0]
     ms = [m[k] for k in range(n_decays)]
     mid = ms[n_decays // 2]
@@ -473,14 +476,21 @@ class HierarchicalLOpt:
         split = split_tree(grads, params, len(state.rms))
         loss_feats, loss_ema, loss_first, loss_seen = self._loss_features(loss, state)
         momenta, rms, rows, stats = [], [], [], []
-        for p, g, finite, m, v in zip(
-            split.params, split.grads, split.finite, state.momenta, state.rms, strict=True
+        for p, g, raw, finite, m, v in zip(
+            split.params,
+            split.grads,
+            split.raw_grads,
+            split.finite,
+            state.momenta,
+            state.rms,
+            strict=True,
         ):
             if self.fused:
-                m, v = advance_moments(g, finite, m, v, decays, self.rms_decay)
+                # the state is kept where the gradient is not finite: no masked copy needed
+                m, v = advance_moments(raw, finite, m, v, decays, self.rms_decay)
                 momenta.append(m)
                 rms.append(v)
-                feats, norms, means = _fused_tensor_inputs(p, g, finite, m, v)
+                feats, norms, means = _fused_tensor_inputs(p, g, raw, finite, m, v)
                 rows.append((feats, norms))
                 stats.append(means)
                 continue

@@ -349,24 +349,31 @@ class MLPLOpt:
             step_mult = step_scale(self, state.step, state.num_steps, self.step_mult)
             scales = tensor_scales([p.shape for p in split.params], shared)
             momenta, rms, updates = [], [], []
-            for p, g, finite, m, v, scale in zip(
+            for p, g, raw, finite, m, v, scale in zip(
                 split.params,
                 split.grads,
+                split.raw_grads,
                 split.finite,
                 state.momenta,
                 state.rms,
                 scales,
                 strict=True,
             ):
-                m, v = advance_moments(g, finite, m, v, decays, self.rms_decay)
-                feats, squares = moment_feature_arrays(p, g, m, v)
+                # Where the gradient is not finite the state is kept and the update is 0,
+                # whatever the raw gradient gives there: only reductions need it masked,
+                # and the elementwise passes then do not read a masked copy (0.5 of 4.3 ms
+                # on 900k parameters). An RMS-normalised output is itself a reduction.
+                g_elem = raw if self.output_norm == "none" else g
+                m, v = advance_moments(g_elem, finite, m, v, decays, self.rms_decay)
+                momenta.append(m)
+                rms.append(v)
+                _, squares = moment_feature_arrays(p, g, m, v)
+                feats, _ = moment_feature_arrays(p, g_elem, m, v)
                 w_feats = w[:n_feats]
                 if self.feature_norm:  # normalise_rows, folded into the first layer
                     norms = jax.lax.rsqrt(tensor_sums(squares) / max(p.size, 1) + EPS)
                     w_feats = w_feats * norms[:, None]
                 d, mag = elementwise_mlp(theta, feats, w_feats, bias)
-                momenta.append(m)
-                rms.append(v)
                 updates.append(step_mult * output(d * jnp.exp(self.exp_mult * mag)) * scale)
             new_state = MLPLOptState(momenta, rms, new_step, state.num_steps)
             return join_updates(split, decayed(updates, split.params, state)), new_state
