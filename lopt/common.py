@@ -201,7 +201,11 @@ def advance_moments(
 
 
 def moment_feature_arrays(
-    p: jax.Array, g: jax.Array, momenta: jax.Array, rms: jax.Array
+    p: jax.Array,
+    g: jax.Array,
+    momenta: jax.Array,
+    rms: jax.Array,
+    g_features: jax.Array | None = None,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """The raw features of `moment_features` as per-parameter arrays, and their squares.
 
@@ -216,6 +220,9 @@ def moment_feature_arrays(
       g: its gradient, non-finite entries zeroed.
       momenta: [n_decays, *shape] momenta after this step (`advance_moments`).
       rms: the mean square after this step.
+      g_features: the gradient the features use (default `g`): a fused update passes the
+        unmasked one, whose non-finite entries' updates are zeroed anyway, so its
+        elementwise pass reads no masked copy; the squares, which are summed, use `g`.
 
     Returns:
       `(features, squares)`: two lists of `num_moment_features(n_decays)` arrays of the
@@ -223,7 +230,8 @@ def moment_feature_arrays(
     """
     ms = [momenta[k] for k in range(momenta.shape[0])]
     inv = jax.lax.rsqrt(rms + EPS)
-    features = [p, g, *ms, rms, *[m * inv for m in ms], g * inv]
+    gf = g if g_features is None else g_features
+    features = [p, gf, *ms, rms, *[m * inv for m in ms], gf * inv]
     # one division shared by the five ratio squares: a division per square made the
     # reduction twice as slow on the CPU (2.8 against 1.35 ms on 900k parameters)
     inv_denom = 1.0 / (rms + EPS)

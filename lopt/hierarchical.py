@@ -225,8 +225,7 @@ def _fused_tensor_inputs(
       `(features, norms, means)`: the raw features, [features] rsqrt of their mean squares
       (+ eps), and the [5 + 2 * n_decays] summary means.
     """
-    _, squares = moment_feature_arrays(p, g, m, v)
-    feats, _ = moment_feature_arrays(p, raw, m, v)
+    feats, squares = moment_feature_arrays(p, g, m, v, g_features=raw)
     n_decays = m.shape[0]
     ms = [m[k] for k in range(n_decays)]
     mid = ms[n_decays // 2]

@@ -367,8 +367,7 @@ class MLPLOpt:
                 m, v = advance_moments(g_elem, finite, m, v, decays, self.rms_decay)
                 momenta.append(m)
                 rms.append(v)
-                _, squares = moment_feature_arrays(p, g, m, v)
-                feats, _ = moment_feature_arrays(p, g_elem, m, v)
+                feats, squares = moment_feature_arrays(p, g, m, v, g_features=g_elem)
                 w_feats = w[:n_feats]
                 if self.feature_norm:  # normalise_rows, folded into the first layer
                     norms = jax.lax.rsqrt(tensor_sums(squares) / max(p.size, 1) + EPS)
