@@ -193,6 +193,8 @@ class _Inputs(NamedTuple):
     Attributes:
       p: parameters [a, b].
       g: gradients [a, b] (non-finite entries zeroed).
+      g_elem: the gradients elementwise passes read: `g`, or in the fused pass the raw
+        gradients (not finite where `g` is zeroed; the update is zeroed there anyway).
       m: momenta [K, a, b].
       sr: sqrt(r_i / mean(r)) [R, a, 1].
       sqrt_c: sqrt(c_j) [R, 1, b].
@@ -202,6 +204,7 @@ class _Inputs(NamedTuple):
 
     p: jax.Array
     g: jax.Array
+    g_elem: jax.Array
     m: jax.Array
     sr: jax.Array
     sqrt_c: jax.Array
@@ -214,6 +217,7 @@ class _Inputs(NamedTuple):
         return _Inputs(
             p=jax.lax.dynamic_slice(self.p, (r0, c0), (rows, cols)),
             g=jax.lax.dynamic_slice(self.g, (r0, c0), (rows, cols)),
+            g_elem=jax.lax.dynamic_slice(self.g_elem, (r0, c0), (rows, cols)),
             m=ds(ds(self.m, r0, rows, axis=1), c0, cols, axis=2),
             sr=ds(self.sr, r0, rows, axis=1),
             sqrt_c=ds(self.sqrt_c, c0, cols, axis=2),
@@ -481,10 +485,10 @@ def _fused_steps(
     steps = []
     for x in inputs:
         a, b = x.g.shape
-        feats = _feature_list(x, slow)
         row, col = x.inv_r[0], x.inv_c[slow]  # [a, 1] and [1, b]
         # Mean squares over the tensor: a row feature is repeated b times, a column one a.
-        sums = tensor_sums([jnp.square(f) for f in feats]) / (a * b)
+        sums = tensor_sums([jnp.square(f) for f in _feature_list(x, slow)]) / (a * b)
+        feats = _feature_list(x._replace(g=x.g_elem), slow)
         edge = jnp.stack([jnp.mean(jnp.square(row)), jnp.mean(jnp.square(col))])
         norms = jax.lax.rsqrt(jnp.concatenate([sums, edge]) + EPS)
         d, mag = elementwise_mlp(theta, [*feats, row, col], w[:n_feats] * norms[:, None], bias)
@@ -625,9 +629,10 @@ class AdaFacLOpt:
             del loss  # this optimizer does not use the loss
             split = split_tree(grads, params, len(state.momenta))
             momenta, rows, cols, inputs = [], [], [], []
-            for p, g, finite, m, r, c in zip(
+            for p, g, raw, finite, m, r, c in zip(
                 split.params,
                 split.grads,
+                split.raw_grads,
                 split.finite,
                 state.momenta,
                 state.rows,
@@ -636,7 +641,11 @@ class AdaFacLOpt:
             ):
                 a, b = matrix_shape(p.shape)
                 d = mom_decays.reshape((n_mom,) + (1,) * g.ndim)
-                m = ema(m, g[None], d, finite[None])
+                # The fused pass reads the raw gradient wherever the result is discarded
+                # at non-finite entries (the kept momenta, the zeroed update): only the
+                # reductions read the masked one, which then is not written (as MLPLOpt).
+                g_elem = raw if self.fused else g
+                m = ema(m, g_elem[None], d, finite[None])
                 g2, fin = capped_square(g).reshape(a, b), finite.reshape(a, b)
                 row_ms, row_any = _masked_mean_square(g2, fin, axis=1)
                 col_ms, col_any = _masked_mean_square(g2, fin, axis=0)
@@ -652,6 +661,7 @@ class AdaFacLOpt:
                     _Inputs(
                         p=p.reshape(a, b),
                         g=g.reshape(a, b),
+                        g_elem=g_elem.reshape(a, b),
                         m=m.reshape(n_mom, a, b),
                         sr=_sqrt_row_ratio(r)[:, :, None],
                         sqrt_c=jnp.sqrt(c)[:, None, :],
