@@ -184,7 +184,7 @@ class MLPLOpt:
         0 turns it off.
     """
 
-    hidden_size: int = 32
+    hidden_size: int = 4
     hidden_layers: int = 2
     momentum_decays: Sequence[float] = (0.5, 0.9, 0.99, 0.999)
     rms_decay: float = 0.999

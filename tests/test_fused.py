@@ -165,7 +165,8 @@ def test_fused_equals_matmul_on_user_model_trees(make_params):
 def test_auto_fuses_small_networks_only():
     assert MLPLOpt(hidden_size=16, hidden_layers=2).fused  # 480 multiply-adds
     assert MLPLOpt(hidden_size=8, hidden_layers=1).fused
-    assert not MLPLOpt().fused  # 32×2: 1,472
+    assert MLPLOpt().fused  # the default 4×2: 72
+    assert not MLPLOpt(hidden_size=32).fused  # 32×2: 1,472
     assert MLPLOpt(impl="fused").fused and not MLPLOpt(hidden_size=4, impl="matmul").fused
     with pytest.raises(ValueError, match="impl must be one of"):
         MLPLOpt(impl="pallas")

@@ -36,8 +36,10 @@ def _expected_count(hidden: int, layers: int, decays: int) -> int:
 def test_meta_parameter_count_matches_the_formula_and_the_readme():
     theta = MLPLOpt().init_meta(jax.random.PRNGKey(0))
     n = sum(x.size for x in jax.tree.leaves(theta))
-    assert _expected_count(32, 2, 4) == 1794  # the figure in README.md and checkpoints/README.md
-    assert n == 1794
+    assert n == _expected_count(4, 2, 4) == 114  # the default 4x2 (docs/optimizers.md)
+    first_slice = MLPLOpt(hidden_size=32).init_meta(jax.random.PRNGKey(0))
+    # the shipped mnist1d-mlp-pes's figure in checkpoints/README.md
+    assert sum(x.size for x in jax.tree.leaves(first_slice)) == _expected_count(32, 2, 4) == 1794
     other = MLPLOpt(hidden_size=8, hidden_layers=3, momentum_decays=(0.5, 0.9))
     n = sum(x.size for x in jax.tree.leaves(other.init_meta(jax.random.PRNGKey(0))))
     assert n == _expected_count(8, 3, 2)
@@ -118,7 +120,9 @@ def test_updates_match_an_independent_float64_reference(lopt):
 @pytest.mark.parametrize("make_params", MODEL_TREES)
 def test_fresh_optimizer_takes_small_finite_steps_on_any_pytree(make_params):
     params = make_params()
-    lopt = MLPLOpt()
+    # 32 units: with constant gradients every entry of a tensor has the same features, and
+    # a fresh network of the default 4 units can have all its ReLUs off there (a zero step)
+    lopt = MLPLOpt(hidden_size=32)
     opt = lopt.optimizer(lopt.init_meta(jax.random.PRNGKey(1)))
     state = opt.init(params, 100)
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 3.0, params)
