@@ -83,7 +83,12 @@ def weights_sha256(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(name: str, num_steps: int | None = None, weight_decay: float | None = None):
+def load_pretrained(
+    name: str,
+    num_steps: int | None = None,
+    weight_decay: float | None = None,
+    steps_per_epoch: float | None = None,
+):
     """A shipped optimizer with its meta-parameters, checked against its hash.
 
     Args:
@@ -91,15 +96,24 @@ def load_pretrained(name: str, num_steps: int | None = None, weight_decay: float
       num_steps: the training horizon (>= 1; default: the one the index gives, the
         horizon the optimizer was meta-trained or evaluated at).
       weight_decay: decoupled weight decay per step, on the rule's own schedule (the
-        per-parameter MLP's `weight_decay` option; None: the index's `weight_decay` where
-        it gives one, chosen on the optimizer's meta-validation tasks, else the checkpoint's).
+        per-parameter MLP's `weight_decay` option; None: the index's, see below, else the
+        checkpoint's).
+      steps_per_epoch: training steps per pass over your training data (examples ÷ batch
+        size; `tasks.epochs.steps_per_epoch` computes it for this project's tasks). With it,
+        the decay is the index's `weight_decay_per_epoch` ÷ `steps_per_epoch`: the same
+        shrinkage per pass over the data, strong on a small dataset seen many times and
+        weak on a large one (docs/generalist.md). Without it, or where the index gives no
+        per-epoch decay, the index's fixed `weight_decay`; an explicit `weight_decay` wins.
 
     Returns:
       `(tx, theta, lopt)`, as `lopt.export.load_optax`.
 
     Raises:
       PretrainedError: for an unknown name, missing weights or a hash mismatch.
+      ValueError: `steps_per_epoch` not positive.
     """
+    if steps_per_epoch is not None and not steps_per_epoch > 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
     index = _index()
     if name not in index:
         raise PretrainedError(f"no shipped optimizer {name!r}; shipped: {sorted(index)}")
@@ -117,6 +131,9 @@ def load_pretrained(name: str, num_steps: int | None = None, weight_decay: float
 
     horizon = int(entry["num_steps"]) if num_steps is None else num_steps
     tx, theta, lopt = load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
+    per_epoch = entry.get("weight_decay_per_epoch")
+    if weight_decay is None and steps_per_epoch is not None and per_epoch is not None:
+        weight_decay = float(per_epoch) / float(steps_per_epoch)
     if weight_decay is None:  # the index may ship the rule with a decay chosen after training
         weight_decay = entry.get("weight_decay")
     if weight_decay is not None:
@@ -132,7 +149,10 @@ def load_pretrained(name: str, num_steps: int | None = None, weight_decay: float
 
 
 def pretrained(
-    name: str | None = None, num_steps: int | None = None, weight_decay: float | None = None
+    name: str | None = None,
+    num_steps: int | None = None,
+    weight_decay: float | None = None,
+    steps_per_epoch: float | None = None,
 ) -> list[str] | optax.GradientTransformationExtraArgs:
     """A shipped learned optimizer as an optax transformation, or the list of them.
 
@@ -142,6 +162,8 @@ def pretrained(
         own, see `checkpoints/NAME/README.md`).
       weight_decay: decoupled weight decay per step, on the rule's step schedule (None: the
         one it shipped with; see its model card for what was measured).
+      steps_per_epoch: training steps per pass over your training data (examples ÷ batch
+        size): the shipped decay per epoch is spread over them (`load_pretrained`).
 
     Returns:
       With a name, an `optax.GradientTransformationExtraArgs` whose
@@ -150,7 +172,7 @@ def pretrained(
     """
     if name is None:
         return sorted(_index())
-    return load_pretrained(name, num_steps, weight_decay)[0]
+    return load_pretrained(name, num_steps, weight_decay, steps_per_epoch)[0]
 
 
 def describe() -> dict[str, str]:

@@ -181,6 +181,9 @@ class MetaValidator:
         if metric not in METRICS:
             raise ValueError(f"unknown validation metric {metric!r}; known: {METRICS}")
         self.lopt, self.metric, self.points = lopt, metric, points
+        # One learned optimizer per task instead of `lopt` for all (a setting that follows
+        # each task's data, `evaluate.measure.valid_sweep`'s per-epoch decay); None: `lopt`.
+        self.task_lopts: list[LearnedOptimizer] | None = None
         # Tasks are spread over the devices (longest horizon first to the least loaded): on
         # a CPU split into one device per core they train in parallel (1.4-1.6x faster here).
         # Their programs hold no collectives, so running at once cannot deadlock.
@@ -223,9 +226,10 @@ class MetaValidator:
         t0 = time.perf_counter()
         on = {d: jax.device_put(theta, d) for d in set(self.devices)}
         # Dispatched without waiting: the devices work at once; device_get waits for all.
+        lopts = self.task_lopts or [self.lopt] * len(self.tasks)
         curves = [
-            learned_curves(self.lopt, on[d], t.task, k, t.horizon, self._points(t))
-            for t, k, d in zip(self.tasks, self.seed_keys, self.devices, strict=True)
+            learned_curves(lopt, on[d], t.task, k, t.horizon, self._points(t))
+            for t, k, d, lopt in zip(self.tasks, self.seed_keys, self.devices, lopts, strict=True)
         ]
         final, mean, finite = _values(jax.device_get(curves))
         ratios = final / self.adam_final if self.metric == "final" else mean / self.adam_mean

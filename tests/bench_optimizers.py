@@ -14,6 +14,18 @@ def horizon_cosine(num_steps: int, peak: float = 1e-2):
     return optax.adam(optax.cosine_decay_schedule(peak, num_steps))
 
 
+def data_aware(num_steps: int, steps_per_epoch: float | None = None):
+    """A factory that also takes the task's steps per epoch: the benchmark passes it."""
+    data_aware.last_steps_per_epoch = steps_per_epoch
+    return optax.adam(1e-3)
+
+
+def any_keywords(**kwargs):
+    """Takes any keyword, names none: gets only the horizon, not steps_per_epoch."""
+    any_keywords.last_kwargs = kwargs
+    return optax.adam(1e-3)
+
+
 def dies_in_worker():
     """Adam, except that a benchmark worker process building it dies on the spot (as one
     killed for memory would); the up-front check in the main process passes."""

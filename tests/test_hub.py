@@ -160,3 +160,23 @@ def test_weight_decay_comes_from_the_index_and_a_caller_can_override_it():
     assert rule.weight_decay == 0.0  # the rule exactly as meta-trained
     with pytest.raises(ValueError, match="weight_decay"):
         lopt.pretrained("generalist", weight_decay=-1e-3)
+
+
+def test_a_decay_per_epoch_follows_the_callers_steps_per_epoch():
+    entry = shipped._index()["generalist"]
+    per_epoch = entry["weight_decay_per_epoch"]
+    # a small dataset seen often decays more per step than a large one
+    _, _, small = load_pretrained("generalist", 100, steps_per_epoch=28.0)
+    _, _, large = load_pretrained("generalist", 100, steps_per_epoch=420.0)
+    assert small.weight_decay == pytest.approx(per_epoch / 28.0)
+    assert large.weight_decay == pytest.approx(per_epoch / 420.0)
+    # without it the fixed decay of the index; an explicit weight_decay wins over it
+    assert load_pretrained("generalist", 100)[2].weight_decay == entry["weight_decay"]
+    explicit = load_pretrained("generalist", 100, weight_decay=0.0, steps_per_epoch=28.0)
+    assert explicit[2].weight_decay == 0.0
+    # an optimizer shipped without a per-epoch decay keeps its own
+    _, _, first = load_pretrained("mnist1d-mlp-pes", 100, steps_per_epoch=28.0)
+    assert first.weight_decay == shipped._index()["mnist1d-mlp-pes"].get("weight_decay", 0.0)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="steps_per_epoch"):
+            lopt.pretrained("generalist", 100, steps_per_epoch=bad)

@@ -42,6 +42,17 @@ def test_module_function_specs_get_the_horizon_when_they_take_it():
     assert bench_optimizers.horizon_cosine.last_num_steps == 123
 
 
+def test_a_tasks_steps_per_epoch_reaches_shipped_optimizers_and_functions_that_name_it():
+    parse_spec("bench_optimizers:data_aware").make(10, steps_per_epoch=28.0)
+    assert bench_optimizers.data_aware.last_steps_per_epoch == 28.0
+    parse_spec("bench_optimizers:any_keywords").make(10, steps_per_epoch=28.0)
+    assert bench_optimizers.any_keywords.last_kwargs == {"num_steps": 10}
+    # the shipped generalist spreads its decay per epoch over the task's steps per epoch
+    shipped = parse_spec("generalist")
+    fixed, spread = shipped.make(100), shipped.make(100, steps_per_epoch=28.0)
+    assert not jnp.allclose(_one_update(fixed), _one_update(spread))
+
+
 def test_shipped_names_and_checkpoint_dirs_build_the_learned_optimizer():
     assert "mnist1d-mlp-pes" in shipped_names()
     by_name = parse_spec("mnist1d-mlp-pes")

@@ -8,7 +8,7 @@ from evaluate.measure import valid_sweep
 from meta_train.cli import UserError
 
 
-@pytest.mark.slow  # 25 s: the default stage is close to its 10 minutes
+@pytest.mark.slow  # 50 s: the default stage is close to its 10 minutes
 def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     out = tmp_path / "rows.json"
     valid_sweep.main(
@@ -30,6 +30,17 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     # a different rule gives a different score; both finite, both against the same Adam
     assert rows[0]["score"] != rows[1]["score"]
     assert all(0 < r["score"] < 10 for r in rows)
+
+    # A decay per epoch: each task's own weight_decay = value / its steps per epoch. At 0 it
+    # is the rule without decay, so the same runs as weight_decay 0 and the same score.
+    per_epoch = tmp_path / "per_epoch.json"
+    args = ["--option", "weight_decay_per_epoch", "--values", "0", "0.3", "--seeds", "1"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--out", str(per_epoch)])
+    epoch_rows = json.loads(per_epoch.read_text())
+    assert [r["weight_decay_per_epoch"] for r in epoch_rows] == [0.0, 0.3]
+    assert epoch_rows[0]["score"] == rows[0]["score"]
+    assert epoch_rows[1]["score"] != rows[0]["score"]
+    assert all(n > 1 for n in epoch_rows[1]["steps_per_epoch"])  # one per validation task
 
 
 def test_an_unknown_option_or_folder_is_a_user_error():

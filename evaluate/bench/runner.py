@@ -45,6 +45,7 @@ from evaluate.bench.speedup import smooth_bins
 from evaluate.bench.suites import BenchTask
 from evaluate.suite import _num, _train, eval_steps, select_lr, train_seeds, train_step
 from meta_train.jit import jit
+from tasks.epochs import steps_per_epoch
 
 FRESH = "adam_fresh_seeds"
 # Steps of the wall-clock probe that compares an optimizer's step time with Adam's.
@@ -263,7 +264,7 @@ def run_candidate(job: Job, settings: Settings) -> dict[str, Any]:
 
     task = job.task
     built, info, _ = _BUILT.get(task, settings.data_dir)
-    tx = parse_spec(job.spec).make(task.steps)
+    tx = parse_spec(job.spec).make(task.steps, steps_per_epoch(built))
     t0 = time.perf_counter()
     runs = train_seeds(
         built,

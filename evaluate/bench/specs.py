@@ -56,11 +56,16 @@ class OptimizerSpec:
     kwargs: tuple[tuple[str, Any], ...] = ()
     args: tuple[Any, ...] = ()
 
-    def make(self, num_steps: int) -> optax.GradientTransformation:
+    def make(
+        self, num_steps: int, steps_per_epoch: float | None = None
+    ) -> optax.GradientTransformation:
         """Builds the transformation for a run of `num_steps` steps.
 
         Args:
           num_steps: the run's horizon (learned optimizers' progress features refer to it).
+          steps_per_epoch: the task's steps per pass over its training data
+            (`tasks.epochs.steps_per_epoch`), for a shipped optimizer's per-epoch weight
+            decay and a function that takes `steps_per_epoch=`; None where unknown.
 
         Returns:
           An optax transformation (plain or extra-args; the benchmark passes `loss=`).
@@ -68,7 +73,7 @@ class OptimizerSpec:
         if self.kind == "shipped":  # its weights checked against their hash
             from lopt.hub import load_pretrained  # noqa: PLC0415 - orbax is heavy
 
-            return load_pretrained(self.target, num_steps)[0]
+            return load_pretrained(self.target, num_steps, steps_per_epoch=steps_per_epoch)[0]
         if self.kind == "checkpoint":
             from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
 
@@ -77,6 +82,9 @@ class OptimizerSpec:
         kwargs = dict(self.kwargs)
         if self.kind == "function" and _takes(fn, "num_steps") and "num_steps" not in kwargs:
             kwargs["num_steps"] = num_steps
+        known = steps_per_epoch is not None and self.kind == "function"
+        if known and _names(fn, "steps_per_epoch"):
+            kwargs.setdefault("steps_per_epoch", steps_per_epoch)
         try:
             tx = fn(*self.args, **kwargs)
         except Exception as e:  # the user's function or arguments: report, do not crash
@@ -87,6 +95,14 @@ class OptimizerSpec:
                 "not an optax GradientTransformation"
             )
         return tx
+
+
+def _names(fn: Any, name: str) -> bool:
+    """Whether `fn` has a parameter called `name` (not only a ``**kwargs``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _takes(fn: Any, name: str) -> bool:

@@ -9,6 +9,10 @@ chooses it where the recipe chose its checkpoint: the run's own meta-validation 
 (`meta_train.validation`: held-out tasks of the family, split from the evaluation's by
 their key), scored as meta-validation scores (final validation loss ÷ Adam's at
 `valid.adam_lr`, mean over tasks; lower is better). The benchmark suites stay a test.
+
+`--option weight_decay_per_epoch` sweeps a decay that follows each task's data: task i
+trains with `weight_decay = value / steps_per_epoch_i` (`tasks.epochs`), the rule
+`lopt.pretrained(..., steps_per_epoch=)` applies with the index's `weight_decay_per_epoch`.
 """
 
 from __future__ import annotations
@@ -27,12 +31,16 @@ example:
 """
 
 
+PER_EPOCH = "weight_decay_per_epoch"
+"""The option name of a weight decay per pass over each task's data."""
+
+
 def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
     Args:
       checkpoint: a meta-training checkpoint directory (or a shipped optimizer's folder).
-      option: a field of the checkpoint's learned optimizer.
+      option: a field of the checkpoint's learned optimizer, or `PER_EPOCH`.
       values: the values to score.
       seeds: seeds per validation task.
 
@@ -43,18 +51,30 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
     from meta_train.build import build_run  # noqa: PLC0415
     from meta_train.config import from_dict  # noqa: PLC0415
     from meta_train.validation import build_validator  # noqa: PLC0415
+    from tasks.epochs import steps_per_epoch  # noqa: PLC0415
 
     theta, saved = load_theta(checkpoint)
     config = from_dict(saved)
     config = dataclasses.replace(config, valid=dataclasses.replace(config.valid, num_seeds=seeds))
     run = build_run(config)
-    if not any(f.name == option for f in dataclasses.fields(run.lopt)):
-        raise UserError(f"{type(run.lopt).__name__} has no option {option!r}")
+    per_epoch = option == PER_EPOCH
+    field = "weight_decay" if per_epoch else option
+    if not any(f.name == field for f in dataclasses.fields(run.lopt)):
+        raise UserError(f"{type(run.lopt).__name__} has no option {field!r}")
     validator = build_validator(run)
+    epochs = [steps_per_epoch(t.task) for t in validator.tasks] if per_epoch else []
+    if None in epochs:
+        raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     rows = []
     for value in values:
-        validator.lopt = dataclasses.replace(run.lopt, **{option: value})
+        validator.lopt = dataclasses.replace(run.lopt, **{field: value})
+        if per_epoch:
+            validator.task_lopts = [
+                dataclasses.replace(run.lopt, weight_decay=value / n) for n in epochs
+            ]
         scores = validator(theta)
+        if per_epoch:
+            scores["steps_per_epoch"] = epochs
         rows.append({option: value, **scores})
         print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
     return rows
