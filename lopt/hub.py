@@ -102,8 +102,10 @@ def load_pretrained(
         size; `tasks.epochs.steps_per_epoch` computes it for this project's tasks). With it,
         the decay is the index's `weight_decay_per_epoch` ÷ `steps_per_epoch`: the same
         shrinkage per pass over the data, strong on a small dataset seen many times and
-        weak on a large one (docs/generalist.md). Without it, or where the index gives no
-        per-epoch decay, the index's fixed `weight_decay`; an explicit `weight_decay` wins.
+        weak on a large one (docs/generalist.md); below the index's `min_steps_per_epoch`
+        (the fewest it was chosen on) the decay stays at its value there. Without it, or
+        where the index gives no per-epoch decay, the index's fixed `weight_decay`; an
+        explicit `weight_decay` wins.
 
     Returns:
       `(tx, theta, lopt)`, as `lopt.export.load_optax`.
@@ -133,7 +135,10 @@ def load_pretrained(
     tx, theta, lopt = load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
     per_epoch = entry.get("weight_decay_per_epoch")
     if weight_decay is None and steps_per_epoch is not None and per_epoch is not None:
-        weight_decay = float(per_epoch) / float(steps_per_epoch)
+        # Below the fewest steps per epoch it was chosen on, the decay stays at the largest
+        # value measured there: c / S grows without bound as S -> 1 (full batch).
+        fewest = float(entry.get("min_steps_per_epoch", 1.0))
+        weight_decay = float(per_epoch) / max(float(steps_per_epoch), fewest)
     if weight_decay is None:  # the index may ship the rule with a decay chosen after training
         weight_decay = entry.get("weight_decay")
     if weight_decay is not None:

@@ -170,6 +170,12 @@ def test_a_decay_per_epoch_follows_the_callers_steps_per_epoch():
     _, _, large = load_pretrained("generalist", 100, steps_per_epoch=420.0)
     assert small.weight_decay == pytest.approx(per_epoch / 28.0)
     assert large.weight_decay == pytest.approx(per_epoch / 420.0)
+    # full batch (1 step per epoch) is below the fewest steps per epoch it was chosen on:
+    # the decay stays at its value there, not c / 1
+    fewest = entry["min_steps_per_epoch"]
+    _, _, full_batch = load_pretrained("generalist", 100, steps_per_epoch=1.0)
+    assert full_batch.weight_decay == pytest.approx(per_epoch / fewest)
+    assert full_batch.weight_decay < 0.02
     # without it the fixed decay of the index; an explicit weight_decay wins over it
     assert load_pretrained("generalist", 100)[2].weight_decay == entry["weight_decay"]
     explicit = load_pretrained("generalist", 100, weight_decay=0.0, steps_per_epoch=28.0)
