@@ -7,8 +7,10 @@
 Shipped optimizers live in the repository's `checkpoints/` (one folder per name: the orbax
 checkpoint, a model card `README.md`, tables and curves). `checkpoints/shipped.json` lists
 them, with a description, the horizon they default to, settings chosen after
-meta-training (a `weight_decay`, chosen on the optimizer's own meta-validation tasks with
-`python -m evaluate.measure.valid_sweep`) and a SHA-256 of their weights; every
+meta-training on the optimizer's own meta-validation tasks with `python -m
+evaluate.measure.valid_sweep` (a fixed `weight_decay`; a `weight_decay_per_epoch` that
+`steps_per_epoch=` spreads over a pass over the caller's data) and a SHA-256 of their
+weights; every
 load recomputes the hash and refuses weights that do not match, so a truncated download or
 an edited file is an error, never a silently different optimizer. An installed wheel
 carries the same folders as `lopt/shipped/` (see `setup.py`); a checkout reads
