@@ -83,7 +83,7 @@ class OptimizerSpec:
         if self.kind == "function" and _takes(fn, "num_steps") and "num_steps" not in kwargs:
             kwargs["num_steps"] = num_steps
         known = steps_per_epoch is not None and self.kind == "function"
-        if known and _names(fn, "steps_per_epoch"):
+        if known and _takes(fn, "steps_per_epoch", any_keyword=False):
             kwargs.setdefault("steps_per_epoch", steps_per_epoch)
         try:
             tx = fn(*self.args, **kwargs)
@@ -97,20 +97,15 @@ class OptimizerSpec:
         return tx
 
 
-def _names(fn: Any, name: str) -> bool:
-    """Whether `fn` has a parameter called `name` (not only a ``**kwargs``)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _takes(fn: Any, name: str) -> bool:
+def _takes(fn: Any, name: str, any_keyword: bool = True) -> bool:
+    """Whether `fn` accepts the keyword `name`: as a parameter of that name, or (with
+    `any_keyword`) through a ``**kwargs``."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or (any_keyword and var_keyword)
 
 
 def _resolve(kind: str, target: str) -> Any:

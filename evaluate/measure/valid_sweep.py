@@ -67,11 +67,12 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     rows = []
     for value in values:
-        validator.lopt = dataclasses.replace(run.lopt, **{field: value})
-        if per_epoch:
+        if per_epoch:  # each task its own decay
             validator.task_lopts = [
                 dataclasses.replace(run.lopt, weight_decay=value / n) for n in epochs
             ]
+        else:
+            validator.lopt = dataclasses.replace(run.lopt, **{option: value})
         scores = validator(theta)
         if per_epoch:
             scores["steps_per_epoch"] = epochs
