@@ -62,20 +62,20 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
     if not any(f.name == field for f in dataclasses.fields(run.lopt)):
         raise UserError(f"{type(run.lopt).__name__} has no option {field!r}")
     validator = build_validator(run)
-    epochs = [steps_per_epoch(t.task) for t in validator.tasks] if per_epoch else []
-    if None in epochs:
+    task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_epoch else []
+    if None in task_steps:
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     rows = []
     for value in values:
         if per_epoch:  # each task its own decay
             validator.task_lopts = [
-                dataclasses.replace(run.lopt, weight_decay=value / n) for n in epochs
+                dataclasses.replace(run.lopt, weight_decay=value / n) for n in task_steps
             ]
         else:
             validator.lopt = dataclasses.replace(run.lopt, **{option: value})
         scores = validator(theta)
         if per_epoch:
-            scores["steps_per_epoch"] = epochs
+            scores["steps_per_epoch"] = task_steps
         rows.append({option: value, **scores})
         print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
     return rows
