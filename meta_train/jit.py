@@ -30,16 +30,17 @@ CPU_COMPILER_OPTIONS = {
 class _BackendJit:
     """A jitted function whose compiler options depend on the backend it runs on."""
 
-    def __init__(self, fun: Callable, jit_kwargs: dict[str, Any]):
+    def __init__(self, fun: Callable, cpu_options: dict[str, Any], jit_kwargs: dict[str, Any]):
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._by_backend = fun, jit_kwargs, {}
+        self._cpu_options = {**CPU_COMPILER_OPTIONS, **cpu_options}
 
     def _jitted(self, nested: bool = False):
         # Inside another trace (eval_shape, an enclosing jit) the function is inlined into
         # the outer program, and jax accepts compiler options only at the top level.
         backend = "nested" if nested else jax.default_backend()
         if backend not in self._by_backend:
-            options = CPU_COMPILER_OPTIONS if backend == "cpu" else None
+            options = self._cpu_options if backend == "cpu" else None
             self._by_backend[backend] = jax.jit(
                 self._fun, compiler_options=options, **self._jit_kwargs
             )
@@ -54,11 +55,19 @@ class _BackendJit:
         return getattr(self._jitted(), name)
 
 
-def jit(fun: Callable | None = None, **jit_kwargs: Any):
+def jit(
+    fun: Callable | None = None, *, cpu_options: dict[str, Any] | None = None, **jit_kwargs: Any
+):
     """Like `jax.jit` (same keyword arguments), with `CPU_COMPILER_OPTIONS` on the CPU.
 
     Usable as `@jit` or `@jit(static_argnames=..., donate_argnames=...)`.
+
+    Args:
+      fun: the function.
+      cpu_options: more XLA options for the CPU, over `CPU_COMPILER_OPTIONS` (the
+        benchmark's training loops add `lopt.xla_options.CPU_REASSOCIATE_SUMS`).
+      **jit_kwargs: `jax.jit`'s keyword arguments.
     """
     if fun is None:
-        return functools.partial(jit, **jit_kwargs)
-    return _BackendJit(fun, jit_kwargs)
+        return functools.partial(jit, cpu_options=cpu_options, **jit_kwargs)
+    return _BackendJit(fun, cpu_options or {}, jit_kwargs)

@@ -1,7 +1,8 @@
 """What a learned optimizer costs per step, against Adam, in the same process.
 
     python -m evaluate.measure.lopt_cost [--kinds mlp,adafac,...] [--lopt NAME=KIND:KEY=VALUE,...]
-                                 [--rounds 5] [--calls 20] [--json F]
+                                 [--rounds 5] [--calls 20] [--compiler lopt|xla|both]
+                                 [--json F]
 
 For every learned optimizer of `lopt.registry.LOPTS` (default options, a fresh θ), every
 `--lopt` variant (e.g. `--lopt mlp-small=mlp:hidden_size=8,hidden_layers=1`) and
@@ -12,7 +13,10 @@ dense layers on 32×32×3 inputs, 967,130 parameters; or 10m, wider, with three 
 - the wall time of one jitted `update` (gradients, state and params in, updates and state
   out; buffers donated, as in a training loop) relative to Adam's: rounds alternate between
   the optimizers so that drift hits all alike, and the median of the per-round ratios is
-  printed with its range;
+  printed with its range. Every update is jitted as `lopt.compiler_options()` advises a
+  training loop to be (on the CPU: sums may be reassociated, so XLA vectorises them);
+  `--compiler xla` measures under XLA's own options instead, `--compiler both` under each
+  in the same rounds;
 - the optimizer state size in bytes per parameter (Adam: 8, two float32 moments);
 - a floor, `mlp state only`: an update that only advances the per-parameter MLP's
   accumulators (4 momenta and a mean square, 20 bytes per parameter) and steps along one
@@ -89,6 +93,8 @@ def state_bytes(state: Any) -> int:
 
 
 FLOOR = "mlp state only"
+XLA_DEFAULTS_SUFFIX = "[XLA defaults]"
+COMPILER_CHOICES = ("lopt", "xla", "both")
 
 
 def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
@@ -127,13 +133,13 @@ def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _stepper(tx: optax.GradientTransformationExtraArgs):
+def _stepper(tx: optax.GradientTransformationExtraArgs, options: dict[str, Any]):
     """A jitted update with donated state, as a training loop runs it."""
 
     def step(grads, state, params, loss):
         return tx.update(grads, state, params, loss=loss)
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1,), compiler_options=options)
 
 
 def _time_calls(step, grads, state, params, loss, calls: int) -> tuple[float, Any]:
@@ -171,6 +177,7 @@ def measure(
     calls: int = 20,
     seed: int = 0,
     model: str = "1m",
+    compiler: str = "lopt",
 ) -> dict[str, dict[str, Any]]:
     """Update time relative to Adam and state bytes per parameter of each kind.
 
@@ -181,6 +188,10 @@ def measure(
       calls: updates per timing.
       seed: seeds θ, parameters and gradients.
       model: which of `MODELS` the parameters are those of.
+      compiler: the options the updates are jitted under: 'lopt' (`lopt.compiler_options()`),
+        'xla' (XLA's defaults), or 'both': every optimizer under each, in the same rounds
+        (rows named f'{name} {XLA_DEFAULTS_SUFFIX}' under XLA's defaults, each ratio against
+        Adam under the same options).
 
     Returns:
       Per name ('adam' and each kind): seconds per update (median over rounds), ratio to
@@ -189,6 +200,7 @@ def measure(
     """
     from lopt.export import as_optax  # noqa: PLC0415
     from lopt.registry import make_lopt  # noqa: PLC0415
+    from lopt.xla_options import compiler_options  # noqa: PLC0415
 
     k_params, k_grads, k_theta = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = cost_params(k_params, model)
@@ -205,9 +217,14 @@ def measure(
     for name, (kind, options) in kinds.items():
         lopt = make_lopt(kind, **options)
         txs[name] = as_optax(lopt, lopt.init_meta(k_theta), 1000)
+    if compiler not in COMPILER_CHOICES:
+        raise ValueError(f"compiler={compiler!r}: expected one of {COMPILER_CHOICES}")
+    options = {} if compiler == "xla" else compiler_options()
+    if compiler == "both":
+        txs.update({f"{name} {XLA_DEFAULTS_SUFFIX}": tx for name, tx in list(txs.items())})
     steps, states, sizes = {}, {}, {}
     for name, tx in txs.items():
-        steps[name] = _stepper(tx)
+        steps[name] = _stepper(tx, {} if name.endswith(XLA_DEFAULTS_SUFFIX) else options)
         state = tx.init(params)
         sizes[name] = state_bytes(state) / n
         start = time.perf_counter()
@@ -220,7 +237,8 @@ def measure(
             times[name].append(t)
     out = {}
     for name in txs:
-        ratios = [t / a for t, a in zip(times[name], times["adam"], strict=True)]
+        adam = f"adam {XLA_DEFAULTS_SUFFIX}" if name.endswith(XLA_DEFAULTS_SUFFIX) else "adam"
+        ratios = [t / a for t, a in zip(times[name], times[adam], strict=True)]
         row = {
             "seconds": statistics.median(times[name]),
             "ratio": statistics.median(ratios),
@@ -228,7 +246,8 @@ def measure(
             "ratio_max": max(ratios),
             "state_bytes_per_param": sizes[name],
         }
-        kind = kinds[name][0] if name in kinds else name
+        base = name.removesuffix(f" {XLA_DEFAULTS_SUFFIX}")
+        kind = kinds[base][0] if base in kinds else base
         if kind in TARGETS:
             row["target"] = TARGETS[kind]
             row["holds"] = row["ratio"] <= TARGETS[kind]
@@ -239,6 +258,8 @@ def measure(
         "rounds": rounds,
         "calls": calls,
         "device": str(jax.devices()[0]),
+        "compiler_options": options,
+        "compiler": compiler,
     }
     return out
 
@@ -248,7 +269,14 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     meta = results["_meta"]
     lines = [
         f"{meta['num_params']:,} parameters; {meta['rounds']} rounds × {meta['calls']} updates; "
-        f"{meta['device']}",
+        f"{meta['device']}; "
+        + (
+            "lopt.compiler_options() and XLA's defaults, alternating"
+            if meta.get("compiler") == "both"
+            else "lopt.compiler_options()"
+            if meta.get("compiler_options")
+            else "XLA's default options"
+        ),
         "",
         "| optimizer | update time / Adam's (median, range) | ms per update | state bytes / param "
         "| target | holds |",
@@ -303,6 +331,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--model", choices=sorted(MODELS), default="1m", help="parameters of")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument(
+        "--compiler",
+        choices=COMPILER_CHOICES,
+        default="lopt",
+        help="jit the updates under lopt.compiler_options() (default), XLA's defaults, or "
+        "both in the same rounds",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     variants = {k: (k, {}) for k in args.kinds.split(",") if k}
@@ -315,7 +350,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"unknown kinds {unknown}; known: {sorted(LOPTS)}")
     if args.rounds < 1 or args.calls < 1:
         p.error("--rounds and --calls must be >= 1")
-    results = measure(variants, args.rounds, args.calls, model=args.model)
+    results = measure(variants, args.rounds, args.calls, model=args.model, compiler=args.compiler)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
