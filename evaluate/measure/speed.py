@@ -154,11 +154,13 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
     run as a jitted `lax.scan` of `steps` steps (one unroll, no estimator). Tasks are built
     by the same functions as the task families' (`mlp_task`, `conv_task`, `lm_task`). Images
     are random (speed does not depend on pixel values); text is the offline `pydoc` corpus.
+    Both optimizers' loops are compiled with `lopt.compiler_options()`.
     """
     import optax  # noqa: PLC0415
 
     from lopt.export import as_optax  # noqa: PLC0415
     from lopt.mlp_lopt import MLPLOpt  # noqa: PLC0415
+    from lopt.xla_options import CPU_REASSOCIATE_SUMS  # noqa: PLC0415
     from meta_train.jit import jit  # noqa: PLC0415
     from tasks.classification import mlp_task  # noqa: PLC0415
     from tasks.conv import conv_task  # noqa: PLC0415
@@ -192,7 +194,8 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
     adam = optax.adam(1e-3)
 
     def rate(task, tx) -> float:
-        @jit
+        # Compiled as `lopt.compiler_options()` advises a user's training step to be.
+        @jit(cpu_options=CPU_REASSOCIATE_SUMS)
         def run(task, key):
             params = task.init(key)
 
