@@ -8,12 +8,14 @@ import pytest
 from evaluate.measure.lopt_cost import (
     FLOOR,
     TARGETS,
+    XLA_DEFAULTS_SUFFIX,
     format_table,
     measure,
     parse_variant,
     state_floor,
 )
 from lopt.mlp_lopt import MLPLOpt
+from lopt.xla_options import CPU_REASSOCIATE_SUMS
 
 
 @pytest.mark.slow  # ~1M-parameter updates of two optimizers (~12 s); CI runs it
@@ -65,3 +67,17 @@ def test_the_floor_advances_exactly_the_mlp_optimizers_accumulators():
         np.testing.assert_allclose(v, s_mlp.rms[i], rtol=1e-6)
         assert m.shape == (4,) + leaves[i].shape
     assert all(np.all(np.isfinite(x)) and np.any(x != 0) for x in jax.tree.leaves(u))
+
+
+@pytest.mark.slow  # ~1M-parameter updates under two option sets (~15 s); CI runs it
+def test_both_option_sets_are_measured_each_against_its_own_adam():
+    results = measure({"mlp": ("mlp", {})}, 1, 1, compiler="both")
+    xla = XLA_DEFAULTS_SUFFIX
+    assert results["_meta"]["compiler_options"] == CPU_REASSOCIATE_SUMS
+    for name in ("adam", "mlp", FLOOR):
+        assert results[name]["seconds"] > 0 and results[f"{name} {xla}"]["seconds"] > 0
+    assert results["adam"]["ratio"] == 1.0 and results[f"adam {xla}"]["ratio"] == 1.0
+    assert results[f"mlp {xla}"]["target"] == TARGETS["mlp"]
+    assert "alternating" in format_table(results)
+    with pytest.raises(ValueError, match="compiler="):
+        measure(["mlp"], 1, 1, compiler="fast")

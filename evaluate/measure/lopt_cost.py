@@ -202,6 +202,8 @@ def measure(
     from lopt.registry import make_lopt  # noqa: PLC0415
     from lopt.xla_options import compiler_options  # noqa: PLC0415
 
+    if compiler not in COMPILER_CHOICES:
+        raise ValueError(f"compiler={compiler!r}: expected one of {COMPILER_CHOICES}")
     k_params, k_grads, k_theta = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = cost_params(k_params, model)
     leaves, treedef = jax.tree.flatten(params)
@@ -217,8 +219,6 @@ def measure(
     for name, (kind, options) in kinds.items():
         lopt = make_lopt(kind, **options)
         txs[name] = as_optax(lopt, lopt.init_meta(k_theta), 1000)
-    if compiler not in COMPILER_CHOICES:
-        raise ValueError(f"compiler={compiler!r}: expected one of {COMPILER_CHOICES}")
     options = {} if compiler == "xla" else compiler_options()
     if compiler == "both":
         txs.update({f"{name} {XLA_DEFAULTS_SUFFIX}": tx for name, tx in list(txs.items())})
