@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import statistics
 import time
 import traceback
 import zlib
@@ -51,6 +52,8 @@ from tasks.epochs import steps_per_epoch
 FRESH = "adam_fresh_seeds"
 # Steps of the wall-clock probe that compares an optimizer's step time with Adam's.
 PROBE_STEPS = 200
+# Alternating probe pairs whose median ratio is the step-time column.
+PROBE_ROUNDS = 3
 # Rough cost of a step per kind relative to a small MLP's, for the ETA only.
 _KIND_COST = {"mlp": 1.0, "conv": 5.0, "lm": 5.0, "family": 2.0}
 _FINAL = ("loss", "accuracy", "bits_per_byte")
@@ -180,11 +183,14 @@ def seconds_per_step(built: Any, tx: Any, steps: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def step_time_ratio(built: Any, tx: Any, steps: int) -> float:
-    """`tx`'s time per step over Adam's, measured back to back in this process."""
-    mine = seconds_per_step(built, tx, steps)
-    adam = seconds_per_step(built, optax.adam(1e-3), steps)
-    return mine / adam
+def step_time_ratio(built: Any, tx: Any, steps: int, rounds: int = PROBE_ROUNDS) -> float:
+    """`tx`'s time per step over Adam's: the median of `rounds` ratios, each of two probes
+    run back to back in this process (single probes scatter widely on shared machines)."""
+    adam = optax.adam(1e-3)  # one instance, so `_probe` compiles Adam's loop once
+    return statistics.median(
+        seconds_per_step(built, tx, steps) / seconds_per_step(built, adam, steps)
+        for _ in range(rounds)
+    )
 
 
 def _lst(a: Any) -> list:
