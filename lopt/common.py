@@ -287,7 +287,7 @@ def rms_normalise(update: jax.Array) -> jax.Array:
     return update * jax.lax.rsqrt(jnp.mean(jnp.square(update)) + EPS * EPS)
 
 
-def width_scale(shape: tuple[int, ...], kind: str, ref: float) -> float:
+def width_scale(shape: tuple[int, ...], kind: str, ref: float, max_scale: float = 0.0) -> float:
     """Width-aware (μP-style) multiplier of a tensor's update.
 
     'fan_in' multiplies the update of every tensor of rank ≥ 2 by `ref / fan_in` (Thérien et
@@ -297,12 +297,14 @@ def width_scale(shape: tuple[int, ...], kind: str, ref: float) -> float:
     ~fan_in times that size, so dividing by fan_in keeps the change the same for a layer
     wider (or an input larger) than those seen in meta-training. Vectors and scalars
     (biases, norm scales) are left alone, as in μP. `ref` is the fan-in at which the
-    multiplier is 1; 'none' is 1 everywhere.
+    multiplier is 1; 'none' is 1 everywhere. `max_scale` caps the multiplier of tensors
+    narrower than `ref` (1: they keep the rule's own step; 0: no cap).
 
     Args:
       shape: the parameter tensor's shape (static).
       kind: one of `WIDTH_SCALINGS`.
       ref: the reference fan-in (> 0).
+      max_scale: the largest multiplier (> 0), or 0 for none.
 
     Returns:
       A Python float.
@@ -311,7 +313,8 @@ def width_scale(shape: tuple[int, ...], kind: str, ref: float) -> float:
         return 1.0
     if kind != "fan_in":
         raise ValueError(f"unknown width scaling {kind!r}; known: {WIDTH_SCALINGS}")
-    return ref / fan_in(shape)
+    scale = ref / fan_in(shape)
+    return min(scale, max_scale) if max_scale > 0 else scale
 
 
 MAX_RANK_FEATURE = 4  # ranks 0..3 one-hot, 4 and above share the last slot

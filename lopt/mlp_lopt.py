@@ -157,6 +157,9 @@ class MLPLOpt:
         `width_ref / fan_in` (`lopt.common.width_scale`), so an optimizer meta-trained on
         narrow networks takes steps of the right size on wide ones.
       width_ref: the fan-in at which 'fan_in' scaling is 1.
+      width_scale_max: the largest multiplier 'fan_in' scaling gives (0: no cap). 1 keeps
+        tensors narrower than `width_ref` at the rule's own step instead of enlarging it
+        (docs/generalist.md, "Narrow layers").
       schedule_head: hidden width of a learned per-tensor step-size schedule
         (`lopt.common.schedule_head`: progress and tensor shape in, a bounded multiplier
         out, starting at 1); 0 turns it off.
@@ -194,6 +197,7 @@ class MLPLOpt:
     step_schedule_final: float = 0.0
     width_scaling: str = "none"
     width_ref: float = 64.0
+    width_scale_max: float = 0.0
     schedule_head: int = 0
     feature_norm: bool = True
     output_norm: str = "none"
@@ -225,6 +229,11 @@ class MLPLOpt:
             )
         if not (math.isfinite(self.width_ref) and self.width_ref > 0):
             problems.append(f"width_ref must be a finite number > 0, got {self.width_ref}")
+        if not (math.isfinite(self.width_scale_max) and self.width_scale_max >= 0):
+            problems.append(
+                f"width_scale_max must be a finite number >= 0 (0: no cap), got "
+                f"{self.width_scale_max}"
+            )
         if self.output_norm not in OUTPUT_NORMS:
             problems.append(f"output_norm must be one of {OUTPUT_NORMS}, got {self.output_norm!r}")
         if self.schedule_head < 0:
@@ -329,7 +338,10 @@ class MLPLOpt:
 
         def tensor_scales(shapes: list[tuple[int, ...]], shared: jax.Array) -> list[Any]:
             """Each tensor's update multiplier: width scaling times the learned schedule."""
-            scales = [width_scale(sh, self.width_scaling, self.width_ref) for sh in shapes]
+            scales = [
+                width_scale(sh, self.width_scaling, self.width_ref, self.width_scale_max)
+                for sh in shapes
+            ]
             if self.schedule_head:
                 tensors = jnp.asarray(tensor_features(shapes))
                 head = schedule_head(theta["schedule_head"], shared, tensors)

@@ -216,6 +216,22 @@ def test_fan_in_scaling_divides_each_matrix_update_by_its_fan_in_over_the_refere
 
 
 @pytest.mark.parametrize("impl", ["fused", "matmul"])
+def test_a_width_scale_cap_keeps_narrow_tensors_at_the_rules_own_step(impl):
+    params, grads = _tree_and_grads()
+    theta = perturbed_theta(MLPLOpt())
+    plain = MLPLOpt(hidden_size=4, impl=impl).optimizer(theta)
+    capped = MLPLOpt(
+        hidden_size=4, width_scaling="fan_in", width_ref=64.0, width_scale_max=1.0, impl=impl
+    ).optimizer(theta)
+    s = plain.init(params, 100)
+    u0, _ = plain.update(grads, s, params, 1.0)
+    u1, _ = capped.update(grads, s, params, 1.0)
+    # fan-in 256: 64/256 as without a cap; fan-in 36: 64/36 > 1, capped at 1; biases 1.
+    for name, factor in (("kernel", 64 / 256), ("conv", 1.0), ("bias", 1.0)):
+        np.testing.assert_allclose(u1[name], factor * np.asarray(u0[name]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["fused", "matmul"])
 def test_weight_decay_moves_every_parameter_by_minus_rate_times_schedule_times_itself(impl):
     params, grads = _tree_and_grads()
     params["half"] = jnp.ones((3, 5), jnp.bfloat16)
@@ -454,6 +470,8 @@ def test_cosine_schedule_scales_the_constant_update_from_one_to_final_and_stays(
         ({"step_schedule_final": 1.5}, "step_schedule_final"),
         ({"width_scaling": "sqrt"}, "width_scaling"),
         ({"width_ref": 0.0}, "width_ref"),
+        ({"width_scale_max": -1.0}, "width_scale_max"),
+        ({"width_scale_max": float("inf")}, "width_scale_max"),
         ({"schedule_head": -1}, "schedule_head"),
         ({"output_norm": "l2"}, "output_norm"),
         ({"weight_decay": -1e-3}, "weight_decay"),

@@ -42,9 +42,25 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     assert epoch_rows[1]["score"] != rows[0]["score"]
     assert all(n > 1 for n in epoch_rows[1]["steps_per_epoch"])  # one per validation task
 
+    # Another option swept with that decay held: a cap of 0 (none) is the same rule, so the
+    # same runs as the decay per epoch alone.
+    held = tmp_path / "held.json"
+    args = ["--option", "width_scale_max", "--values", "0", "--seeds", "1"]
+    valid_sweep.main(
+        ["checkpoints/mnist1d-mlp-pes", *args, "--per-epoch-decay", "0.3", "--out", str(held)]
+    )
+    (held_row,) = json.loads(held.read_text())
+    assert held_row["score"] == epoch_rows[1]["score"]
+    assert held_row["steps_per_epoch"] == epoch_rows[1]["steps_per_epoch"]
+
 
 def test_an_unknown_option_or_folder_is_a_user_error():
     with pytest.raises(UserError, match="no option 'nope'"):
         valid_sweep.main(["checkpoints/mnist1d-mlp-pes", "--option", "nope", "--values", "1"])
+    with pytest.raises(UserError, match="sweep one of them"):
+        valid_sweep.main(
+            ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
+            + ["--per-epoch-decay", "0.3"]
+        )
     with pytest.raises(UserError, match="no checkpoint directory"):
         valid_sweep.main(["no/such/dir", "--option", "weight_decay", "--values", "1"])

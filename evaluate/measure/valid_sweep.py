@@ -13,6 +13,7 @@ their key), scored as meta-validation scores (final validation loss ÷ Adam's at
 `--option weight_decay_per_epoch` sweeps a decay that follows each task's data: task i
 trains with `weight_decay = value / steps_per_epoch_i` (`tasks.epochs`), the rule
 `lopt.pretrained(..., steps_per_epoch=)` applies with the index's `weight_decay_per_epoch`.
+`--per-epoch-decay C` holds that decay at C while another option is swept.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ PER_EPOCH = "weight_decay_per_epoch"
 """The option name of a weight decay per pass over each task's data."""
 
 
-def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list[dict]:
+def sweep(
+    checkpoint: str,
+    option: str,
+    values: list[float],
+    seeds: int,
+    per_epoch_decay: float | None = None,
+) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
     Args:
@@ -43,6 +50,8 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
       option: a field of the checkpoint's learned optimizer, or `PER_EPOCH`.
       values: the values to score.
       seeds: seeds per validation task.
+      per_epoch_decay: with another option swept, every task also trains with
+        `weight_decay = per_epoch_decay / steps_per_epoch` (None: the checkpoint's decay).
 
     Returns:
       One row per value: the value, `score` and the per-task ratios.
@@ -58,11 +67,15 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
     config = dataclasses.replace(config, valid=dataclasses.replace(config.valid, num_seeds=seeds))
     run = build_run(config)
     per_epoch = option == PER_EPOCH
+    if per_epoch and per_epoch_decay is not None:
+        raise UserError(f"--per-epoch-decay with --option {PER_EPOCH}: sweep one of them")
     field = "weight_decay" if per_epoch else option
-    if not any(f.name == field for f in dataclasses.fields(run.lopt)):
-        raise UserError(f"{type(run.lopt).__name__} has no option {field!r}")
+    for name in {field} | ({"weight_decay"} if per_epoch_decay is not None else set()):
+        if not any(f.name == name for f in dataclasses.fields(run.lopt)):
+            raise UserError(f"{type(run.lopt).__name__} has no option {name!r}")
+    per_task = per_epoch or per_epoch_decay is not None
     validator = build_validator(run)
-    task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_epoch else []
+    task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
     if None in task_steps:
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     rows = []
@@ -71,10 +84,17 @@ def sweep(checkpoint: str, option: str, values: list[float], seeds: int) -> list
             validator.task_lopts = [
                 dataclasses.replace(run.lopt, weight_decay=value / n) for n in task_steps
             ]
+        elif per_task:  # the option, with each task's own decay
+            validator.task_lopts = [
+                dataclasses.replace(
+                    run.lopt, **{option: value, "weight_decay": per_epoch_decay / n}
+                )
+                for n in task_steps
+            ]
         else:
             validator.lopt = dataclasses.replace(run.lopt, **{option: value})
         scores = validator(theta)
-        if per_epoch:
+        if per_task:
             scores["steps_per_epoch"] = task_steps
         rows.append({option: value, **scores})
         print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
@@ -93,11 +113,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--option", required=True, help="a learned-optimizer option to sweep")
     p.add_argument("--values", required=True, nargs="+", type=float, help="its values")
     p.add_argument("--seeds", type=int, default=3, help="seeds per validation task (3)")
+    p.add_argument(
+        "--per-epoch-decay",
+        type=float,
+        default=None,
+        metavar="C",
+        help=f"train every task with weight decay C / its steps per epoch while --option is "
+        f"swept (as lopt.pretrained does with the index's {PER_EPOCH})",
+    )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"no checkpoint directory {args.checkpoint}")
-    rows = sweep(args.checkpoint, args.option, args.values, args.seeds)
+    rows = sweep(args.checkpoint, args.option, args.values, args.seeds, args.per_epoch_decay)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
