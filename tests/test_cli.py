@@ -63,6 +63,7 @@ def test_an_unknown_command_is_a_usage_error(argv, capsys):
     assert f"unknown command {argv[-1]!r}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 11 s; test_meta_train's exact-resume test covers resuming in the default stage
 def test_train_then_resume_from_the_run_folder_alone(tmp_path):
     run_dir = tmp_path / "run"
     train = [*TINY, f"run.out_dir='{run_dir}'", "meta.outer_steps=1", "run.checkpoint_every=1"]

@@ -319,10 +319,11 @@ def test_other_kinds_vmap_over_particles():
 
 
 # Differentiating through the update (TBPTT meta-gradients, a user's hypergradient).
+# The other kinds (23-28 s each to compile both paths' gradients) run in the slow stage.
 _DIFF_KINDS = [
     pytest.param(MLPLOpt, {"hidden_size": 4}, id="mlp-4x2"),
-    pytest.param(AdaFacLOpt, {}, id="adafac"),
-    pytest.param(HierarchicalLOpt, {}, id="hierarchical"),
+    pytest.param(AdaFacLOpt, {}, id="adafac", marks=pytest.mark.slow),
+    pytest.param(HierarchicalLOpt, {}, id="hierarchical", marks=pytest.mark.slow),
 ]
 
 

@@ -47,9 +47,14 @@ def _updates(lopt_, theta, params, options, steps=2):
     "make",
     [
         pytest.param(lambda: MLPLOpt(), id="mlp-4x2"),
-        pytest.param(lambda: MLPLOpt(output_norm="rms", width_scaling="fan_in"), id="mlp-rms"),
-        pytest.param(lambda: AdaFacLOpt(), id="adafac"),
-        pytest.param(lambda: HierarchicalLOpt(), id="hierarchical"),
+        # 7-12 s each: the slow stage.
+        pytest.param(
+            lambda: MLPLOpt(output_norm="rms", width_scaling="fan_in"),
+            id="mlp-rms",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(lambda: AdaFacLOpt(), id="adafac", marks=pytest.mark.slow),
+        pytest.param(lambda: HierarchicalLOpt(), id="hierarchical", marks=pytest.mark.slow),
     ],
 )
 def test_reassociated_sums_give_the_same_updates_and_keep_non_finite_masking(make):
