@@ -95,6 +95,11 @@ def state_bytes(state: Any) -> int:
 FLOOR = "mlp state only"
 XLA_DEFAULTS_SUFFIX = "[XLA defaults]"
 COMPILER_CHOICES = ("lopt", "xla", "both")
+_COMPILER_LABELS = {
+    "lopt": "lopt.compiler_options()",
+    "xla": "XLA's default options",
+    "both": "lopt.compiler_options() and XLA's defaults, alternating",
+}
 
 
 def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
@@ -269,14 +274,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     meta = results["_meta"]
     lines = [
         f"{meta['num_params']:,} parameters; {meta['rounds']} rounds × {meta['calls']} updates; "
-        f"{meta['device']}; "
-        + (
-            "lopt.compiler_options() and XLA's defaults, alternating"
-            if meta.get("compiler") == "both"
-            else "lopt.compiler_options()"
-            if meta.get("compiler_options")
-            else "XLA's default options"
-        ),
+        f"{meta['device']}; {_COMPILER_LABELS[meta['compiler']]}",
         "",
         "| optimizer | update time / Adam's (median, range) | ms per update | state bytes / param "
         "| target | holds |",

@@ -80,16 +80,10 @@ def sweep(
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     rows = []
     for value in values:
-        if per_epoch:  # each task its own decay
+        if per_task:  # each task its own decay: the swept one, or the one held
+            decay, swept = (value, {}) if per_epoch else (per_epoch_decay, {option: value})
             validator.task_lopts = [
-                dataclasses.replace(run.lopt, weight_decay=value / n) for n in task_steps
-            ]
-        elif per_task:  # the option, with each task's own decay
-            validator.task_lopts = [
-                dataclasses.replace(
-                    run.lopt, **{option: value, "weight_decay": per_epoch_decay / n}
-                )
-                for n in task_steps
+                dataclasses.replace(run.lopt, **swept, weight_decay=decay / n) for n in task_steps
             ]
         else:
             validator.lopt = dataclasses.replace(run.lopt, **{option: value})
