@@ -408,6 +408,7 @@ def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, est
     assert -1.0 <= rows[-1]["grad_cosine"] <= 1.0
 
 
+@pytest.mark.slow  # ~12 s; the estimate over groups is checked exactly in test_estimators.py
 def test_two_task_groups_from_the_config(tmp_path):
     # The default job's meta.task_groups=2: two groups of particles, each with a template
     # (shape) of the family; here with two hidden sizes to choose from. That the estimate

@@ -61,8 +61,9 @@ def test_server_settings_are_checked_and_say_which_path_runs():
 @pytest.mark.parametrize(
     "groups",
     [
-        (),
-        # ~12 s: the slow stage (keeps the default stage under 10 minutes)
+        # ~17 s and ~12 s: the slow stage (keeps the default stage under 10 minutes; the
+        # other in-process server tests below stay in it)
+        pytest.param((), marks=pytest.mark.slow),
         pytest.param(("meta.task_groups=2", "meta.switch_every=1"), marks=pytest.mark.slow),
     ],
     ids=["one_program", "groups_switching"],

@@ -123,6 +123,9 @@ def test_best_checkpoint_survives_rotation_and_resume(tmp_path):
     assert len(scores) == 5
 
 
+# ~20 s: the slow stage (the guard's logic is checked above, its lower_lr action end to end
+# below; this is the 'stop' action end to end)
+@pytest.mark.slow
 def test_guard_fires_on_a_diverging_run_and_keeps_the_best_theta(tmp_path, capsys):
     config = _config(
         tmp_path,
