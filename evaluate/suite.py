@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lopt.xla_options import CPU_REASSOCIATE_SUMS
+from lopt.xla_options import CPU_OPTIONS
 from meta_train.config import EvalConfig
 from meta_train.jit import jit
 
@@ -181,7 +181,7 @@ def _train(task: Any, tx: Any, num_steps: int, key: PRNGKey, eval_every: int) ->
     return out
 
 
-@jit(cpu_options=CPU_REASSOCIATE_SUMS, static_argnames=("tx", "num_steps", "eval_every"))
+@jit(cpu_options=CPU_OPTIONS, static_argnames=("tx", "num_steps", "eval_every"))
 def train(
     task: Any,
     tx: optax.GradientTransformation,
@@ -212,7 +212,7 @@ def train(
     return _train(task, tx, num_steps, key, eval_every)
 
 
-@jit(cpu_options=CPU_REASSOCIATE_SUMS, static_argnames=("tx", "num_steps", "eval_every"))
+@jit(cpu_options=CPU_OPTIONS, static_argnames=("tx", "num_steps", "eval_every"))
 def train_seeds(
     task: Any,
     tx: optax.GradientTransformation,
@@ -251,7 +251,7 @@ def select_lr(final_valid_loss: jax.Array, diverged: jax.Array) -> tuple[jax.Arr
     return jnp.argmin(score), score
 
 
-@jit(cpu_options=CPU_REASSOCIATE_SUMS, static_argnames=("num_steps", "eval_every"))
+@jit(cpu_options=CPU_OPTIONS, static_argnames=("num_steps", "eval_every"))
 def tune_adam(
     task: Any,
     lrs: jax.Array,

@@ -12,7 +12,8 @@ additions, and so their rounding (and, rarely, whether an intermediate sum overf
 Measured in `docs/speed.md` ("Letting XLA vectorise the sums"): the 12 feature sums of a
 900,000-entry tensor 1.8 ms → 0.33 ms; the default optimizer's update at 1M parameters 26 %
 faster; the learned training step of a 784-128-128-10 MLP 1.85× → 1.53× Adam's (Adam's own
-step unchanged).
+step unchanged). The network's elementwise pass is arithmetic, so on a CPU with AVX-512 the
+options also let LLVM use 512-bit vectors ("Wider vectors": 9–17 % off each update).
 
 Use them where you jit the training step::
 
@@ -38,16 +39,24 @@ CPU_REASSOCIATE_SUMS: dict[str, bool] = {
 }
 """XLA:CPU options that let LLVM reassociate float additions and so vectorise reductions."""
 
+CPU_WIDE_VECTORS: dict[str, int] = {"xla_cpu_prefer_vector_width": 512}
+"""XLA:CPU's preferred vector width, raised from LLVM's 256 bits: on a CPU with AVX-512 the
+network's elementwise pass runs in 512-bit registers (one update of the default optimizer at
+1M parameters 14 % faster on an AMD EPYC VM); without AVX-512 it has no effect."""
 
-def compiler_options(backend: str | None = None) -> dict[str, bool]:
+CPU_OPTIONS: dict[str, bool | int] = {**CPU_REASSOCIATE_SUMS, **CPU_WIDE_VECTORS}
+"""Every XLA:CPU option `compiler_options` gives: reassociated sums and wide vectors."""
+
+
+def compiler_options(backend: str | None = None) -> dict[str, bool | int]:
     """The compiler options for a jitted program that runs a learned optimizer's update.
 
     Args:
       backend: 'cpu', 'gpu', 'tpu', ...; None for `jax.default_backend()`.
 
     Returns:
-      `CPU_REASSOCIATE_SUMS` on the CPU, no options elsewhere (XLA's GPU and TPU reductions
-      are vectorised already). Pass as `jax.jit(..., compiler_options=...)`.
+      `CPU_OPTIONS` on the CPU, no options elsewhere (XLA's GPU and TPU reductions are
+      vectorised already). Pass as `jax.jit(..., compiler_options=...)`.
     """
     backend = jax.default_backend() if backend is None else backend
-    return dict(CPU_REASSOCIATE_SUMS) if backend == "cpu" else {}
+    return dict(CPU_OPTIONS) if backend == "cpu" else {}

@@ -65,7 +65,7 @@ def jit(
     Args:
       fun: the function.
       cpu_options: more XLA options for the CPU, over `CPU_COMPILER_OPTIONS` (the
-        benchmark's training loops add `lopt.xla_options.CPU_REASSOCIATE_SUMS`).
+        benchmark's training loops add `lopt.xla_options.CPU_OPTIONS`).
       **jit_kwargs: `jax.jit`'s keyword arguments.
     """
     if fun is None:

@@ -1,5 +1,5 @@
-"""`lopt.xla_options`: the XLA:CPU options that vectorise the learned optimizers' sums
-change nothing but the order of additions."""
+"""`lopt.xla_options`: the XLA:CPU options that vectorise the learned optimizers' sums and
+widen their vectors change nothing but the order of additions."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ from evaluate.suite import train_seeds, tune_adam
 from lopt.adafac import AdaFacLOpt
 from lopt.hierarchical import HierarchicalLOpt
 from lopt.mlp_lopt import MLPLOpt
-from lopt.xla_options import CPU_REASSOCIATE_SUMS
+from lopt.xla_options import CPU_OPTIONS, CPU_REASSOCIATE_SUMS, CPU_WIDE_VECTORS
 from meta_train.jit import CPU_COMPILER_OPTIONS
 from tests.lopt_cases import perturbed_theta
 from tests.test_fused import _assert_close, _grads, _tree
 
 
 def test_the_options_are_the_cpus_only():
-    assert lopt.compiler_options("cpu") == CPU_REASSOCIATE_SUMS
+    assert lopt.compiler_options("cpu") == CPU_OPTIONS
+    assert CPU_OPTIONS == {**CPU_REASSOCIATE_SUMS, **CPU_WIDE_VECTORS}
     assert lopt.compiler_options("gpu") == {} and lopt.compiler_options("tpu") == {}
-    assert lopt.compiler_options() == CPU_REASSOCIATE_SUMS  # these tests run on the CPU
+    assert lopt.compiler_options() == CPU_OPTIONS  # these tests run on the CPU
     # The benchmark trains and times as a user is advised to; meta-training keeps XLA's
     # order of additions (its guard against a non-finite estimate was tested with it).
     for program in (_probe, train_seeds, tune_adam):
-        assert CPU_REASSOCIATE_SUMS.items() <= program._cpu_options.items()
+        assert CPU_OPTIONS.items() <= program._cpu_options.items()
     assert "xla_cpu_enable_fast_math" not in CPU_COMPILER_OPTIONS
 
 
@@ -63,7 +64,7 @@ def test_reassociated_sums_give_the_same_updates_and_keep_non_finite_masking(mak
     params = _tree(jax.random.PRNGKey(4))
     # A tensor long enough for the sums to be split into vector lanes.
     params["long"] = jax.random.normal(jax.random.PRNGKey(5), (600, 70)) * 0.05
-    fast = _updates(lopt_, theta, params, CPU_REASSOCIATE_SUMS)
+    fast = _updates(lopt_, theta, params, CPU_OPTIONS)
     plain = _updates(lopt_, theta, params, {})
     for (grads, u1, s1), (_, u2, s2) in zip(fast, plain, strict=True):
         _assert_close(u1, u2)

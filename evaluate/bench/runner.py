@@ -45,7 +45,7 @@ from evaluate.bench.baselines import (
 from evaluate.bench.speedup import smooth_bins
 from evaluate.bench.suites import BenchTask
 from evaluate.suite import _num, _train, eval_steps, select_lr, train_seeds, train_step
-from lopt.xla_options import CPU_REASSOCIATE_SUMS
+from lopt.xla_options import CPU_OPTIONS
 from meta_train.jit import jit
 from tasks.epochs import steps_per_epoch
 
@@ -152,7 +152,7 @@ def data_fingerprint(built: Any) -> str:
 # ------------------------------------------------------------------------- the computations
 
 
-@jit(cpu_options=CPU_REASSOCIATE_SUMS, static_argnames=("baseline", "num_steps", "period"))
+@jit(cpu_options=CPU_OPTIONS, static_argnames=("baseline", "num_steps", "period"))
 def _grid(task, baseline, lrs, num_steps, keys, period):
     """A baseline's whole learning-rate grid x seeds in one call (the rate is traced)."""
 
@@ -163,7 +163,7 @@ def _grid(task, baseline, lrs, num_steps, keys, period):
     return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(lrs)
 
 
-@jit(cpu_options=CPU_REASSOCIATE_SUMS, static_argnames=("tx", "num_steps"))
+@jit(cpu_options=CPU_OPTIONS, static_argnames=("tx", "num_steps"))
 def _probe(task, tx, num_steps, key):
     """A training loop without evaluation: what a step costs."""
     tx = optax.with_extra_args_support(tx)

@@ -160,7 +160,7 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
 
     from lopt.export import as_optax  # noqa: PLC0415
     from lopt.mlp_lopt import MLPLOpt  # noqa: PLC0415
-    from lopt.xla_options import CPU_REASSOCIATE_SUMS  # noqa: PLC0415
+    from lopt.xla_options import CPU_OPTIONS  # noqa: PLC0415
     from meta_train.jit import jit  # noqa: PLC0415
     from tasks.classification import mlp_task  # noqa: PLC0415
     from tasks.conv import conv_task  # noqa: PLC0415
@@ -195,7 +195,7 @@ def task_kinds(steps: int = 100, repeats: int = 3) -> list[dict]:
 
     def rate(task, tx) -> float:
         # Compiled as `lopt.compiler_options()` advises a user's training step to be.
-        @jit(cpu_options=CPU_REASSOCIATE_SUMS)
+        @jit(cpu_options=CPU_OPTIONS)
         def run(task, key):
             params = task.init(key)
 
