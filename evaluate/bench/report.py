@@ -39,7 +39,7 @@ _READING_GUIDE = (
     "(interquartile mean: the mean of the middle half of tasks). Win rate = share of tasks "
     "with speed-up ≥ 1. Diverged = seeds with a non-finite number or a final training loss "
     "above the loss of their first steps. Step time = wall-clock time per step ÷ Adam's, "
-    "measured in the same process (the median of 3 alternating pairs of probes of up to 200 "
+    "measured in the same process (the fastest of 5 alternating probes each, up to 200 "
     "steps). "
     "Wall time (valid) = the median over tasks of the "
     "validation speed-up ÷ the step time: how much sooner, in seconds, it reaches tuned "
