@@ -345,6 +345,7 @@ def test_jit_vmap_over_theta_and_determinism(rows):
     assert not np.allclose(many[0]["w"][0], many[0]["w"][1])
 
 
+@pytest.mark.slow  # ~7 s; the slow stage keeps the default stage under 10 minutes
 def test_blocking_does_not_change_the_update(monkeypatch):
     # Tall, wide, column and conv tensors and small leaves; the same update whether the
     # network runs once on every parameter or in blocks of 7 parameters (tiles of 2 rows,

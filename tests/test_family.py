@@ -222,6 +222,7 @@ def test_sampler_draws_augmentations_only_when_switched_on_and_they_act_as_state
     )
 
 
+@pytest.mark.slow  # ~7 s; the slow stage keeps the default stage under 10 minutes
 def test_conv_family_on_colour_cifar10_files_from_the_data_dir(tmp_path, monkeypatch):
     from test_datasets import write_cifar  # noqa: PLC0415 - CIFAR-10 python pickles
 

@@ -308,6 +308,7 @@ def test_updates_match_an_independent_float64_reference(lopt):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~7 s; the zoo contract (tests/test_lopt_zoo.py) covers any pytree
 def test_fresh_optimizer_takes_small_finite_steps_on_any_pytree():
     # Nested library pytrees, plus an integer counter, a conv kernel and a scalar.
     params = {

@@ -36,7 +36,11 @@ def test_every_model_kind_trains_with_adam(model):
     assert curve[-10:].mean() < 0.6 * curve[:5].mean()
 
 
-@pytest.mark.parametrize("model", ["gru", "transformer"])
+@pytest.mark.parametrize(
+    "model",
+    # the GRU in the slow stage (keeps the default stage under 10 minutes)
+    [pytest.param("gru", marks=pytest.mark.slow), "transformer"],
+)
 def test_the_shipped_learned_optimizer_trains_a_language_model(model):
     # Meta-trained on MNIST-1D MLPs only: a language model is far outside its family.
     tx, _, _ = load_optax(str(ROOT / "checkpoints" / "mnist1d-mlp-pes"), num_steps=100)

@@ -372,11 +372,14 @@ def _assert_built_as_configured(run):
         # Between them the cases set every option away from its default.
         ("pes", ["meta.objective='valid_final'", "meta.diff_clip=1.0"]),
         ("es_single", ["meta.stagger='burn_in'", "meta.sigma=0.03"]),
-        ("tes", ["meta.objective='final'", "meta.sign_diff=true"]),
-        ("full_es", ["meta.window=50", "meta.stagger='none'"]),
+        # tes, full_es and tbptt: the slow stage (keeps the default stage under 10 minutes)
+        pytest.param(
+            "tes", ["meta.objective='final'", "meta.sign_diff=true"], marks=pytest.mark.slow
+        ),
+        pytest.param("full_es", ["meta.window=50", "meta.stagger='none'"], marks=pytest.mark.slow),
         pytest.param(
             "tbptt", ["meta.stagger='none'", "meta.objective='final'"], marks=pytest.mark.slow
-        ),  # the slow stage: keeps the default stage under 10 minutes
+        ),
     ],
 )
 def test_every_estimator_runs_from_the_config_and_logs_diagnostics(tmp_path, estimator, extra):

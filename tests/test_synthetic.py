@@ -37,6 +37,7 @@ def test_linear_quadratic_optimum():
     np.testing.assert_allclose(g, 0.0, atol=1e-5)  # float32 gradient of O(1) terms
 
 
+@pytest.mark.slow  # ~5 s; the slow stage keeps the default stage under 10 minutes
 def test_command_writes_json_and_png_and_separates_estimators(tmp_path, capsys):
     res = synthetic.main(
         [
