@@ -107,7 +107,9 @@ SWITCHES = [
 @pytest.mark.parametrize(
     "size",
     [
-        (8, 1),
+        # every size in the slow stage (~11 s each); an 8x2 network's fused and matmul
+        # paths are compared in the default stage, switch by switch, below
+        pytest.param((8, 1), marks=pytest.mark.slow),
         pytest.param((4, 2), marks=pytest.mark.slow),
         pytest.param((16, 2), marks=pytest.mark.slow),
         pytest.param((8, 3), marks=pytest.mark.slow),
@@ -247,7 +249,8 @@ def _big_tree(key):
 
 
 OTHER_KINDS = [
-    pytest.param(AdaFacLOpt, {}, False, id="adafac"),
+    # ~7 s: the slow stage (keeps the default stage under 10 minutes)
+    pytest.param(AdaFacLOpt, {}, False, id="adafac", marks=pytest.mark.slow),
     pytest.param(HierarchicalLOpt, {}, False, id="hierarchical"),
     # With a tensor above AdaFac's block size its matmul path loops over blocks (~40 s to
     # compile both paths on 2 cores): the slow stage.

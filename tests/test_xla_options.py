@@ -47,8 +47,8 @@ def _updates(lopt_, theta, params, options, steps=2):
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: MLPLOpt(), id="mlp-4x2"),
-        # 7-12 s each: the slow stage.
+        # 7-12 s each: the slow stage (the contract above stays in the default stage).
+        pytest.param(lambda: MLPLOpt(), id="mlp-4x2", marks=pytest.mark.slow),
         pytest.param(
             lambda: MLPLOpt(output_norm="rms", width_scaling="fan_in"),
             id="mlp-rms",
