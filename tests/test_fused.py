@@ -104,18 +104,11 @@ SWITCHES = [
 ]
 
 
+# Every size in the slow stage (~11 s each); an 8x2 network's fused and matmul paths are
+# compared in the default stage, switch by switch, below.
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "size",
-    [
-        # every size in the slow stage (~11 s each); an 8x2 network's fused and matmul
-        # paths are compared in the default stage, switch by switch, below
-        pytest.param((8, 1), marks=pytest.mark.slow),
-        pytest.param((4, 2), marks=pytest.mark.slow),
-        pytest.param((16, 2), marks=pytest.mark.slow),
-        pytest.param((8, 3), marks=pytest.mark.slow),
-        pytest.param((32, 2), marks=pytest.mark.slow),
-    ],
-    ids=lambda s: f"{s[0]}x{s[1]}",
+    "size", [(8, 1), (4, 2), (16, 2), (8, 3), (32, 2)], ids=lambda s: f"{s[0]}x{s[1]}"
 )
 def test_fused_equals_matmul_for_every_network_size(size):
     hidden, layers = size

@@ -58,14 +58,12 @@ def test_server_settings_are_checked_and_say_which_path_runs():
             load_config(None, [bad])
 
 
+# ~17 s and ~12 s: the slow stage (keeps the default stage under 10 minutes; the other
+# in-process server tests below stay in it)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "groups",
-    [
-        # ~17 s and ~12 s: the slow stage (keeps the default stage under 10 minutes; the
-        # other in-process server tests below stay in it)
-        pytest.param((), marks=pytest.mark.slow),
-        pytest.param(("meta.task_groups=2", "meta.switch_every=1"), marks=pytest.mark.slow),
-    ],
+    [(), ("meta.task_groups=2", "meta.switch_every=1")],
     ids=["one_program", "groups_switching"],
 )
 def test_one_in_process_worker_through_the_server_reproduces_the_fused_step(tmp_path, groups):

@@ -58,7 +58,7 @@ README_FIGURES = {
 }
 # Every shipped optimizer's figures are checked in the slow stage (seconds to minutes each;
 # the default stage stays under 10 minutes). Loading each one by name, its content hash and
-# its updates on any pytree are checked in the default stage (tests/test_hub.py).
+# a short training run with each are checked in the default stage (tests/test_hub.py).
 SHIPPED_PARAMS = [pytest.param(p, id=p.parent.name, marks=pytest.mark.slow) for p in SHIPPED]
 # On the project's machine the evaluation reproduces the table to every printed digit, and
 # perturbing θ by 1e-6 (relative) moved no figure by 1e-4: the runs do not amplify float32
