@@ -371,8 +371,11 @@ def _assert_built_as_configured(run):
     [
         # Between them the cases set every option away from its default.
         ("pes", ["meta.objective='valid_final'", "meta.diff_clip=1.0"]),
-        ("es_single", ["meta.stagger='burn_in'", "meta.sigma=0.03"]),
-        # tes, full_es and tbptt: the slow stage (keeps the default stage under 10 minutes)
+        # es_single (the default job's estimator: test_main_job_end_to_end runs it), tes,
+        # full_es and tbptt: the slow stage (keeps the default stage under 10 minutes)
+        pytest.param(
+            "es_single", ["meta.stagger='burn_in'", "meta.sigma=0.03"], marks=pytest.mark.slow
+        ),
         pytest.param(
             "tes", ["meta.objective='final'", "meta.sign_diff=true"], marks=pytest.mark.slow
         ),

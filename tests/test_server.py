@@ -95,6 +95,7 @@ def _serve(path, steps, *extra):
     return state, metrics, server
 
 
+@pytest.mark.slow  # two runs (~13 s); the queued-estimate test keeps async in the default stage
 def test_async_workers_are_stale_by_their_count_and_stale_estimates_are_dropped(tmp_path):
     # In-process async is a deterministic round-robin: with 3 workers and one estimate per
     # step, estimates are 2 versions old once every worker is busy.

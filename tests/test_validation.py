@@ -164,6 +164,7 @@ def test_lower_lr_guard_scales_the_outer_updates(tmp_path):
         tmp_path,
         "meta.outer_lr=3.0",
         "meta.outer_steps=6",
+        "valid.num_tasks=1",  # one compiled validation curve, not two (~4 s)
         "valid.every=1",
         "valid.guard_patience=1",
         "valid.guard_margin=0.0",
