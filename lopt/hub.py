@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +240,116 @@ def harness(
         return jax.tree.map(lambda p: "matrix" if jnp.ndim(p) == 2 else "other", params)
 
     return optax.multi_transform({"matrix": matrices, "other": others}, labels)
+
+
+def orthogonalised(
+    name: str,
+    num_steps: int,
+    steps_per_epoch: float | None = None,
+    weight_decay: float | None = None,
+    ns_steps: int = 5,
+) -> optax.GradientTransformationExtraArgs:
+    """A shipped rule with each 2-D step orthogonalised at the rule's own size: no learning
+    rate to choose.
+
+    The rule computes its step as `pretrained(name)` does. Then every 2-D kernel's step is
+    replaced by its orthogonalisation (Newton-Schulz iterations, `optax.contrib.scale_by_muon`
+    without momentum: the rule's features already hold momenta), rescaled to the step's own
+    root mean square. So the rule sets each tensor's step size (its learned magnitude,
+    schedule and width scaling) and the orthogonalisation only evens out the step's singular
+    values, as Muon does for momentum (Jordan et al., 2024). Every other leaf keeps the
+    rule's step. The rule's decoupled weight decay is added after, on the rule's own schedule,
+    so it is not orthogonalised. Its cost is the iterations' matmuls: on the benchmark's small
+    CPU models, several times the rule's step (docs/generalist.md).
+
+    Args:
+      name: a shipped optimizer (`pretrained()`) with a `weight_decay` option.
+      num_steps: the training horizon (>= 1).
+      steps_per_epoch: steps per pass over your training data, for the shipped decay per
+        epoch (`load_pretrained`).
+      weight_decay: decoupled weight decay per step (None: the shipped one).
+      ns_steps: Newton-Schulz iterations per step.
+
+    Returns:
+      A `GradientTransformationExtraArgs` that needs `params` and `loss=`, as
+      `pretrained(name)`.
+    """
+    _, theta, lopt = load_pretrained(name, num_steps, weight_decay, steps_per_epoch)
+    if not hasattr(lopt, "weight_decay"):
+        raise PretrainedError(f"{name!r} ({type(lopt).__name__}) has no weight_decay option")
+    from lopt.export import as_optax  # noqa: PLC0415
+
+    step = as_optax(dataclasses.replace(lopt, weight_decay=0.0), theta, num_steps)
+    shaped = optax.multi_transform(
+        {"matrix": _orthogonalised_at_own_rms(ns_steps), "other": optax.identity()},
+        _matrix_labels,
+    )
+    return optax.chain(step, shaped, _decay_on_rule_schedule(lopt, num_steps))
+
+
+def _matrix_labels(params: Any) -> Any:
+    """'matrix' for the float 2-D leaves the orthogonalisation takes, 'other' elsewhere."""
+
+    def label(p):
+        floating = jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
+        return "matrix" if floating and jnp.ndim(p) == 2 else "other"
+
+    return jax.tree.map(label, params)
+
+
+def _root_mean_square(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+def _orthogonalised_at_own_rms(ns_steps: int) -> optax.GradientTransformation:
+    """2-D [in, out] updates orthogonalised by `optax.contrib.scale_by_muon` (no momentum),
+    each rescaled to the root mean square it came in with."""
+    dims = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    muon = optax.contrib.scale_by_muon(
+        ns_steps=ns_steps,
+        beta=0.0,
+        nesterov=False,
+        weight_dimension_numbers=lambda u: jax.tree.map(lambda _: dims, u),
+    )
+
+    def update(updates, state, params=None):
+        out, state = muon.update(updates, state, params)
+
+        def rescale(u, o):
+            # A zero step stays zero (its orthogonalisation is zero too).
+            factor = _root_mean_square(u) / jnp.maximum(_root_mean_square(o), 1e-30)
+            return (o * factor).astype(u.dtype)
+
+        return jax.tree.map(rescale, updates, out), state
+
+    return optax.GradientTransformation(muon.init, update)
+
+
+class _DecayState(NamedTuple):
+    count: jax.Array
+
+
+def _decay_on_rule_schedule(lopt: Any, num_steps: int) -> optax.GradientTransformation:
+    """Adds `-weight_decay * s(t) * p`, the rule's own decoupled decay (`lopt.base.step_scale`:
+    its schedule and past-horizon decay), for float leaves."""
+    from lopt.base import step_scale  # noqa: PLC0415
+
+    horizon = jnp.asarray(num_steps, jnp.int32)
+
+    def init(params):
+        del params
+        return _DecayState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the orthogonalised rule needs params (its weight decay)")
+        rate = step_scale(lopt, state.count, horizon, lopt.weight_decay)
+
+        def decayed(u, p):
+            if not jnp.issubdtype(jnp.asarray(u).dtype, jnp.floating):
+                return u
+            return (u - rate * p.astype(jnp.float32)).astype(u.dtype)
+
+        return jax.tree.map(decayed, updates, params), _DecayState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)

@@ -157,6 +157,45 @@ def test_the_harness_of_optax_parts_trains_with_and_without_orthogonalisation():
         assert losses[-10:].mean() < 0.8 * losses[0], (orthogonalise, losses[0], losses[-1])
 
 
+def test_the_orthogonalised_rule_keeps_each_steps_size_and_evens_its_singular_values():
+    import jax  # noqa: PLC0415
+
+    params, loss_fn = _regression(1.0)
+    params = {**params, "step": jnp.int32(0)}  # a non-float leaf passes through
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(p), allow_int=True)(params)
+    plain = lopt.pretrained("generalist", 100, weight_decay=0.0)
+    ortho = lopt.hub.orthogonalised("generalist", 100, weight_decay=0.0)
+
+    def first_update(tx):  # jitted: op by op, the iterations' matmuls took seconds
+        return jax.jit(lambda g, p: tx.update(g, tx.init(p), p, loss=loss)[0])(grads, params)
+
+    u, o = first_update(plain), first_update(ortho)
+    for key in ("w1", "w2"):  # 2-D: the plain step's size, its singular values evened out
+        rms = float(jnp.sqrt(jnp.mean(jnp.square(u[key]))))
+        np.testing.assert_allclose(float(jnp.sqrt(jnp.mean(jnp.square(o[key])))), rms, rtol=1e-5)
+        s_plain = np.linalg.svd(np.asarray(u[key]), compute_uv=False)
+        s_ortho = np.linalg.svd(np.asarray(o[key]), compute_uv=False)
+        if len(s_plain) > 1:
+            assert s_plain[0] / s_plain[-1] > 3.0, s_plain
+            assert s_ortho[0] / s_ortho[-1] < 2.0, s_ortho
+    np.testing.assert_array_equal(np.asarray(o["b1"]), np.asarray(u["b1"]))  # 1-D: the rule's
+    assert o["step"] == 0
+    # The decay is added after, -rate * p on the rule's schedule: equal to the plain rule's
+    # own decay term, which is not orthogonalised.
+    rate = 1e-2
+    d = first_update(lopt.hub.orthogonalised("generalist", 100, weight_decay=rate))
+    pd = first_update(lopt.pretrained("generalist", 100, weight_decay=rate))
+    for key in ("w1", "b1", "w2"):  # differences of steps ~1e-3: float32 rounding ~1e-9
+        np.testing.assert_allclose(d[key] - o[key], pd[key] - u[key], rtol=1e-4, atol=1e-8)
+
+
+def test_the_orthogonalised_rule_trains():
+    params, loss_fn = _regression(1.0)
+    losses, _ = _train(lopt.hub.orthogonalised("generalist", 300), params, loss_fn, 300)
+    assert np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.5 * losses[0], (losses[0], losses[-1])
+
+
 def test_weight_decay_comes_from_the_index_and_a_caller_can_override_it():
     index = shipped._index()
     for name in lopt.pretrained():
