@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lopt.base import step_scale
+from lopt.common import rms_normalise
+
 INDEX = "shipped.json"
 """The index of shipped optimizers, in the shipped folder."""
 
@@ -236,10 +239,7 @@ def harness(
     matrices = optax.chain(*parts)
     others = optax.adamw(schedule, weight_decay=weight_decay)
 
-    def labels(params):
-        return jax.tree.map(lambda p: "matrix" if jnp.ndim(p) == 2 else "other", params)
-
-    return optax.multi_transform({"matrix": matrices, "other": others}, labels)
+    return optax.multi_transform({"matrix": matrices, "other": others}, _matrix_labels)
 
 
 def orthogonalised(
@@ -297,10 +297,6 @@ def _matrix_labels(params: Any) -> Any:
     return jax.tree.map(label, params)
 
 
-def _root_mean_square(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
-
-
 def _orthogonalised_at_own_rms(ns_steps: int) -> optax.GradientTransformation:
     """2-D [in, out] updates orthogonalised by `optax.contrib.scale_by_muon` (no momentum),
     each rescaled to the root mean square it came in with."""
@@ -315,10 +311,9 @@ def _orthogonalised_at_own_rms(ns_steps: int) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         out, state = muon.update(updates, state, params)
 
-        def rescale(u, o):
-            # A zero step stays zero (its orthogonalisation is zero too).
-            factor = _root_mean_square(u) / jnp.maximum(_root_mean_square(o), 1e-30)
-            return (o * factor).astype(u.dtype)
+        def rescale(u, o):  # a zero step stays zero (its orthogonalisation is zero too)
+            size = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
+            return (rms_normalise(o.astype(jnp.float32)) * size).astype(u.dtype)
 
         return jax.tree.map(rescale, updates, out), state
 
@@ -332,8 +327,6 @@ class _DecayState(NamedTuple):
 def _decay_on_rule_schedule(lopt: Any, num_steps: int) -> optax.GradientTransformation:
     """Adds `-weight_decay * s(t) * p`, the rule's own decoupled decay (`lopt.base.step_scale`:
     its schedule and past-horizon decay), for float leaves."""
-    from lopt.base import step_scale  # noqa: PLC0415
-
     horizon = jnp.asarray(num_steps, jnp.int32)
 
     def init(params):
