@@ -162,7 +162,7 @@ def test_the_orthogonalised_rule_keeps_each_steps_size_and_evens_its_singular_va
 
     params, loss_fn = _regression(1.0)
     params = {**params, "step": jnp.int32(0)}  # a non-float leaf passes through
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(p), allow_int=True)(params)
+    loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params)
     plain = lopt.pretrained("generalist", 100, weight_decay=0.0)
     ortho = lopt.hub.orthogonalised("generalist", 100, weight_decay=0.0)
 
