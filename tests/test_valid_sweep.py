@@ -5,7 +5,8 @@ import json
 import pytest
 
 from evaluate.measure import valid_sweep
-from meta_train.cli import UserError
+from meta_train.cli import USAGE_ERROR
+from meta_train.cli import main as cli_main
 
 
 @pytest.mark.slow  # 50 s: the default stage is close to its 10 minutes
@@ -54,13 +55,21 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     assert held_row["steps_per_epoch"] == epoch_rows[1]["steps_per_epoch"]
 
 
-def test_an_unknown_option_or_folder_is_a_user_error():
-    with pytest.raises(UserError, match="no option 'nope'"):
-        valid_sweep.main(["checkpoints/mnist1d-mlp-pes", "--option", "nope", "--values", "1"])
-    with pytest.raises(UserError, match="sweep one of them"):
-        valid_sweep.main(
-            ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
-            + ["--per-epoch-decay", "0.3"]
-        )
-    with pytest.raises(UserError, match="no checkpoint directory"):
-        valid_sweep.main(["no/such/dir", "--option", "weight_decay", "--values", "1"])
+def test_an_unknown_option_or_folder_is_a_user_error(capsys):
+    def error(argv: list[str]) -> str:
+        assert valid_sweep.main(argv) == USAGE_ERROR
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "no option 'nope'" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "nope", "--values", "1"]
+    )
+    assert "sweep one of them" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
+        + ["--per-epoch-decay", "0.3"]
+    )
+    missing = ["no/such/dir", "--option", "weight_decay", "--values", "1"]
+    assert error(missing) == "error: no checkpoint directory no/such/dir"
+    # The same through `lopt measure`, which calls main directly: a message, no traceback.
+    assert cli_main(["measure", "valid-sweep", *missing]) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: no checkpoint directory" in err

@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    # Here, not only under `python -m`: `lopt measure valid-sweep` calls main directly.
+    return run_cli(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"no checkpoint directory {args.checkpoint}")
     rows = sweep(args.checkpoint, args.option, args.values, args.seeds, args.per_epoch_decay)
@@ -126,4 +131,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())
