@@ -91,7 +91,8 @@ def use_compile_cache() -> Path | None:
     The folder is `$LOPT_COMPILE_CACHE`, else `$LOPT_CACHE_DIR/jax`, else
     `~/.cache/lopt/jax`; `LOPT_COMPILE_CACHE=off` turns it off. A folder set through JAX
     itself (`JAX_COMPILATION_CACHE_DIR`) is left in use. The cache keeps its least recently
-    used entries under `COMPILE_CACHE_MAX_BYTES`. Entries are keyed by the program, the
+    used entries under `COMPILE_CACHE_MAX_BYTES`. The setting also goes into the environment,
+    so the processes the command starts use the same cache. Entries are keyed by the program, the
     compiler options and the jax/jaxlib versions, so a stale entry is never loaded. Call it
     before the first compilation; the command-line entry points do (`meta_train.cli`).
 
@@ -111,4 +112,8 @@ def use_compile_cache() -> Path | None:
         folder = (Path(root) if root else Path.home() / ".cache" / "lopt") / "jax"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    # The command's own processes (the benchmark's spawned workers, the gradient server's
+    # Ray workers) read JAX's settings from the environment they inherit.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(COMPILE_CACHE_MAX_BYTES)
     return folder

@@ -1,14 +1,12 @@
 """Tests of meta_train/jit.py: the persistent compilation cache of the command-line tools."""
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_devices import run_json_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")
 
 # Compiles one program in a fresh process with the cache as the environment sets it; prints
 # the folder in use, the cache hits and what the folder holds after.
@@ -30,16 +28,7 @@ print(json.dumps({"folder": folder and str(folder), "hits": len(hits), "entries"
 def _run(env_overrides: dict[str, str], home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOPT_", "JAX_COMP"))}
     env.update(HOME=str(home), JAX_PLATFORMS="cpu", **env_overrides)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT, [], env)
 
 
 def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
@@ -62,7 +51,7 @@ def no_cache_set(monkeypatch):
     """The folder choice in this process; jax's setting is restored after."""
     import jax  # noqa: PLC0415
 
-    for var in ("LOPT_COMPILE_CACHE", "LOPT_CACHE_DIR"):
+    for var in ("LOPT_COMPILE_CACHE", "LOPT_CACHE_DIR", *ENV):
         monkeypatch.delenv(var, raising=False)
     before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
     jax.config.update("jax_compilation_cache_dir", None)
@@ -79,13 +68,21 @@ def test_the_folder_follows_the_environment(tmp_path, no_cache_set):
     no_cache_set.setenv("HOME", str(tmp_path))
     assert use_compile_cache() == tmp_path / ".cache" / "lopt" / "jax"
     assert jax.config.jax_compilation_cache_max_size == COMPILE_CACHE_MAX_BYTES
+    # ... and the processes it starts inherit the same setting.
+    assert [os.environ[v] for v in ENV] == [
+        str(tmp_path / ".cache" / "lopt" / "jax"),
+        str(COMPILE_CACHE_MAX_BYTES),
+    ]
     jax.config.update("jax_compilation_cache_dir", None)
     no_cache_set.setenv("LOPT_CACHE_DIR", str(tmp_path / "root"))
     assert use_compile_cache() == tmp_path / "root" / "jax"
     jax.config.update("jax_compilation_cache_dir", None)
     for off in ("0", "OFF", "false"):
+        for var in ENV:
+            no_cache_set.delenv(var, raising=False)
         no_cache_set.setenv("LOPT_COMPILE_CACHE", off)
         assert use_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
+        assert not any(var in os.environ for var in ENV)
     no_cache_set.setenv("LOPT_COMPILE_CACHE", "~/x")
     assert use_compile_cache() == tmp_path / "x"
     # A folder set through JAX itself stays in use, whatever LOPT_COMPILE_CACHE says.
