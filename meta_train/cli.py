@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 USAGE_ERROR = 2
 
@@ -37,24 +38,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def run_cli(body: Callable[[], int], debug: bool = False) -> int:
+def run_cli(body: Callable[[], Any], debug: bool = False, compile_cache: bool = True) -> Any:
     """Runs `body`; a user error prints `error: <message>` as the last thing on stderr.
 
-    JAX's persistent compilation cache is on for the command (`meta_train.jit.
-    use_compile_cache`, `LOPT_COMPILE_CACHE=off` turns it off): a rerun or a resume skips
-    most of XLA's compile time. The measurement tools that report compile times do not call
-    this, so theirs stay cold.
+    With `compile_cache`, JAX's persistent compilation cache is on for the command
+    (`meta_train.jit.use_compile_cache`, `LOPT_COMPILE_CACHE=off` turns it off): a rerun or
+    a resume skips most of XLA's compile time. The measurement tools that report compile
+    times run without it, so theirs stay cold.
 
     Args:
-      body: the command; returns its exit status.
+      body: the command; returns its exit status (or, for a measurement tool, its figures).
       debug: re-raise user errors (the traceback shows) instead of printing their message.
+      compile_cache: turn on the persistent compilation cache first.
 
     Returns:
-      `body`'s status, or 2 after a user error.
+      What `body` returns, or 2 after a user error.
     """
-    from meta_train.jit import use_compile_cache  # noqa: PLC0415 - imports jax
+    if compile_cache:
+        from meta_train.jit import use_compile_cache  # noqa: PLC0415 - imports jax
 
-    use_compile_cache()
+        use_compile_cache()
     try:
         return body()
     except Exception as e:
@@ -139,7 +142,12 @@ def _dispatch(
     import importlib  # noqa: PLC0415 - each command imports only what it needs
 
     module = importlib.import_module(commands[name][0])
-    return int(module.main(rest, prog=f"{prog} {name}") or 0)
+    # The commands that meta-train, evaluate or benchmark handle their user errors and turn
+    # the cache on themselves (`run_cli`); this also covers the tools that do not (a wrong
+    # config override to `lopt measure speed`: one message, status 2), without the cache,
+    # since some report compile times. A tool that returns its figures succeeded.
+    status = run_cli(lambda: module.main(rest, prog=f"{prog} {name}"), compile_cache=False)
+    return status if isinstance(status, int) else 0
 
 
 _RESUME_HELP = """usage: lopt resume RUN_DIR [--no-eval] [--debug] [section.key=value ...]

@@ -63,6 +63,21 @@ def test_an_unknown_command_is_a_usage_error(argv, capsys):
     assert f"unknown command {argv[-1]!r}" in capsys.readouterr().err
 
 
+def test_a_tool_that_returns_its_figures_exits_0(tmp_path, capsys):
+    # `lopt synthetic` and the measurement tools return a dict, not a status.
+    argv = ["synthetic", "--problem", "linear", "--iterations", "2", "--estimators", "pes"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_a_measurement_tools_config_error_is_one_message(tmp_path, capsys):
+    argv = ["measure", "compare-lopts", "--out", str(tmp_path), "nope.key=1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("config error: unknown section(s) ['nope']")
+
+
 @pytest.mark.slow  # 11 s; test_meta_train's exact-resume test covers resuming in the default stage
 def test_train_then_resume_from_the_run_folder_alone(tmp_path):
     run_dir = tmp_path / "run"
