@@ -71,6 +71,22 @@ def run_cli(body: Callable[[], Any], debug: bool = False, compile_cache: bool = 
         return USAGE_ERROR
 
 
+def run_tool(main: Callable[[], Any]) -> int:
+    """Runs a tool's `main` as `lopt` and `python -m` run it: through `run_cli` without the
+    compile cache (some tools report compile times; the commands that want the cache turn
+    it on inside their own `main`).
+
+    Args:
+      main: the tool's entry point; returns an exit status or, for a measurement tool, its
+        figures.
+
+    Returns:
+      The exit status: `main`'s own, 0 for figures, 2 after a user error.
+    """
+    status = run_cli(main, compile_cache=False)
+    return status if isinstance(status, int) else 0
+
+
 # --------------------------------------------------------------------------- the `lopt` command
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -142,12 +158,7 @@ def _dispatch(
     import importlib  # noqa: PLC0415 - each command imports only what it needs
 
     module = importlib.import_module(commands[name][0])
-    # The commands that meta-train, evaluate or benchmark handle their user errors and turn
-    # the cache on themselves (`run_cli`); this also covers the tools that do not (a wrong
-    # config override to `lopt measure speed`: one message, status 2), without the cache,
-    # since some report compile times. A tool that returns its figures succeeded.
-    status = run_cli(lambda: module.main(rest, prog=f"{prog} {name}"), compile_cache=False)
-    return status if isinstance(status, int) else 0
+    return run_tool(lambda: module.main(rest, prog=f"{prog} {name}"))
 
 
 _RESUME_HELP = """usage: lopt resume RUN_DIR [--no-eval] [--debug] [section.key=value ...]

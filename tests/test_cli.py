@@ -78,6 +78,14 @@ def test_a_measurement_tools_config_error_is_one_message(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("config error: unknown section(s) ['nope']")
 
 
+def test_the_module_form_of_a_tool_ends_a_config_error_in_one_message(tmp_path):
+    cmd = [sys.executable, "-m", "evaluate.measure.compare_lopts", "--out", str(tmp_path), "x.y=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: unknown section(s)")
+
+
 @pytest.mark.slow  # 11 s; test_meta_train's exact-resume test covers resuming in the default stage
 def test_train_then_resume_from_the_run_folder_alone(tmp_path):
     run_dir = tmp_path / "run"

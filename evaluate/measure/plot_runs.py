@@ -115,4 +115,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meta_train.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -519,5 +519,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from meta_train.cli import run_tool
+
+    sys.exit(run_tool(main))
