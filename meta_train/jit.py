@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ def use_compile_cache() -> Path | None:
     before the first compilation; the command-line entry points do (`meta_train.cli`).
 
     Returns:
-      The cache folder in use, or None when it is off.
+      The cache folder in use, or None when it is off (or the folder cannot be written: a
+      one-line note on stderr says so).
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
@@ -110,6 +112,18 @@ def use_compile_cache() -> Path | None:
     else:
         root = os.environ.get("LOPT_CACHE_DIR")
         folder = (Path(root) if root else Path.home() / ".cache" / "lopt") / "jax"
+    try:  # JAX would warn at every compilation instead: one line here, and the run goes on
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        print(
+            f"note: compiled programs are not cached ({folder} is not a writable folder; "
+            f"set {COMPILE_CACHE_ENV} to one, or to 'off')",
+            file=sys.stderr,
+        )
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     # The command's own processes (the benchmark's spawned workers, the gradient server's

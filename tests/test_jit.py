@@ -60,7 +60,7 @@ def no_cache_set(monkeypatch):
     jax.config.update("jax_compilation_cache_max_size", before[1])
 
 
-def test_the_folder_follows_the_environment(tmp_path, no_cache_set):
+def test_the_folder_follows_the_environment(tmp_path, no_cache_set, capsys):
     import jax  # noqa: PLC0415
 
     from meta_train.jit import COMPILE_CACHE_MAX_BYTES, use_compile_cache  # noqa: PLC0415
@@ -84,7 +84,13 @@ def test_the_folder_follows_the_environment(tmp_path, no_cache_set):
         assert use_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
         assert not any(var in os.environ for var in ENV)
     no_cache_set.setenv("LOPT_COMPILE_CACHE", "~/x")
-    assert use_compile_cache() == tmp_path / "x"
+    assert use_compile_cache() == tmp_path / "x" and (tmp_path / "x").is_dir()
+    jax.config.update("jax_compilation_cache_dir", None)
+    # A folder that cannot be made: one note, no cache (JAX would warn at every compile).
+    (tmp_path / "file").write_text("")
+    no_cache_set.setenv("LOPT_COMPILE_CACHE", str(tmp_path / "file" / "jax"))
+    assert use_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
+    assert "compiled programs are not cached" in capsys.readouterr().err
     # A folder set through JAX itself stays in use, whatever LOPT_COMPILE_CACHE says.
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
     no_cache_set.setenv("LOPT_COMPILE_CACHE", "off")
