@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    # Here, not only under `python -m`: `lopt measure valid-sweep` calls main directly.
+    # Its own run_cli, under `lopt measure` too (whose dispatcher runs tools without the
+    # compile cache): a sweep compiles the same validation programs as the run did.
     return run_cli(lambda: _main(args))
 
 
