@@ -326,12 +326,25 @@ class Guard:
             self.observe(int(record["step"]), math.inf if score is None else float(score))
 
 
-def build_validator(run) -> MetaValidator:
-    """The validator of a `meta_train.build.Run` (its `valid` and `meta` settings)."""
+def build_validator(run, horizon_scale: int = 1) -> MetaValidator:
+    """The validator of a `meta_train.build.Run` (its `valid` and `meta` settings).
+
+    Args:
+      run: the run.
+      horizon_scale: every task's horizon multiplied by this (the same tasks and seeds,
+        trained `horizon_scale` times longer: how a setting does past the episode lengths
+        of meta-training; `evaluate.measure.valid_sweep --horizon-scale`).
+
+    Returns:
+      The validator.
+    """
+    if not (isinstance(horizon_scale, int) and horizon_scale >= 1):
+        raise ValueError(f"horizon_scale must be an integer >= 1, got {horizon_scale!r}")
     v, m = run.config.valid, run.config.meta
     tasks = validation_tasks(
         run.family, run.held_out_key(), v.num_tasks, m.min_episode_len, m.max_episode_len
     )
+    tasks = [dataclasses.replace(t, horizon=t.horizon * horizon_scale) for t in tasks]
     return MetaValidator(
         run.lopt,
         tasks,

@@ -54,6 +54,14 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     assert held_row["score"] == epoch_rows[1]["score"]
     assert held_row["steps_per_epoch"] == epoch_rows[1]["steps_per_epoch"]
 
+    # The same tasks trained twice as long: twice the horizons, another score.
+    longer = tmp_path / "longer.json"
+    args = ["--option", "weight_decay", "--values", "0", "--seeds", "1", "--horizon-scale", "2"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--out", str(longer)])
+    (long_row,) = json.loads(longer.read_text())
+    assert long_row["horizons"] == [2 * h for h in rows[0]["horizons"]]
+    assert long_row["score"] != rows[0]["score"]
+
 
 def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     def error(argv: list[str]) -> str:
@@ -66,6 +74,10 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     assert "sweep one of them" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
         + ["--per-epoch-decay", "0.3"]
+    )
+    assert "--horizon-scale must be an integer >= 1" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
+        + ["--horizon-scale", "0"]
     )
     missing = ["no/such/dir", "--option", "weight_decay", "--values", "1"]
     assert error(missing) == "error: no checkpoint directory no/such/dir"

@@ -54,6 +54,18 @@ def test_scores_are_deterministic_for_fixed_theta(tmp_path):
     assert first(other)["score"] != a["score"]  # it measures θ
 
 
+def test_a_horizon_scale_trains_the_same_tasks_longer(tmp_path):
+    run = build_run(_config(tmp_path))
+    base, longer = build_validator(run), build_validator(run, horizon_scale=3)
+    assert [t.horizon for t in longer.tasks] == [3 * t.horizon for t in base.tasks]
+    assert [t.info for t in longer.tasks] == [t.info for t in base.tasks]
+    # the reference Adam trains 3x longer too: its final losses move
+    assert not np.allclose(longer.adam_final, base.adam_final)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="horizon_scale"):
+            build_validator(run, horizon_scale=bad)
+
+
 def test_tasks_span_templates_and_horizons_and_are_not_the_evaluations(tmp_path):
     assert horizons(4, 200, 2000) == [200, 431, 928, 2000]
     assert horizons(3, 400, 400) == [400, 400, 400]

@@ -14,6 +14,9 @@ their key), scored as meta-validation scores (final validation loss ÷ Adam's at
 trains with `weight_decay = value / steps_per_epoch_i` (`tasks.epochs`), the rule
 `lopt.pretrained(..., steps_per_epoch=)` applies with the index's `weight_decay_per_epoch`.
 `--per-epoch-decay C` holds that decay at C while another option is swept.
+`--horizon-scale K` trains the same tasks and seeds K times longer than the run validated
+them: a setting such as the decay can look neutral at meta-training's episode lengths and
+matter at the longer horizons users train for.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def sweep(
     values: list[float],
     seeds: int,
     per_epoch_decay: float | None = None,
+    horizon_scale: int = 1,
 ) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
@@ -52,10 +56,13 @@ def sweep(
       seeds: seeds per validation task.
       per_epoch_decay: with another option swept, every task also trains with
         `weight_decay = per_epoch_decay / steps_per_epoch` (None: the checkpoint's decay).
+      horizon_scale: every validation task's horizon multiplied by this.
 
     Returns:
       One row per value: the value, `score` and the per-task ratios.
     """
+    if not (isinstance(horizon_scale, int) and horizon_scale >= 1):
+        raise UserError(f"--horizon-scale must be an integer >= 1, got {horizon_scale}")
     from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
     from meta_train.build import build_run  # noqa: PLC0415
     from meta_train.config import from_dict  # noqa: PLC0415
@@ -74,7 +81,7 @@ def sweep(
         if not any(f.name == name for f in dataclasses.fields(run.lopt)):
             raise UserError(f"{type(run.lopt).__name__} has no option {name!r}")
     per_task = per_epoch or per_epoch_decay is not None
-    validator = build_validator(run)
+    validator = build_validator(run, horizon_scale)
     task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
     if None in task_steps:
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
@@ -90,7 +97,8 @@ def sweep(
         scores = validator(theta)
         if per_task:
             scores["steps_per_epoch"] = task_steps
-        rows.append({option: value, **scores})
+        horizons = [t.horizon for t in validator.tasks]
+        rows.append({option: value, **scores, "horizons": horizons})
         print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
     return rows
 
@@ -115,6 +123,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help=f"train every task with weight decay C / its steps per epoch while --option is "
         f"swept (as lopt.pretrained does with the index's {PER_EPOCH})",
     )
+    p.add_argument(
+        "--horizon-scale",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train every validation task K times longer than the run did (1)",
+    )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     # Its own run_cli, under `lopt measure` too (whose dispatcher runs tools without the
@@ -125,7 +140,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"no checkpoint directory {args.checkpoint}")
-    rows = sweep(args.checkpoint, args.option, args.values, args.seeds, args.per_epoch_decay)
+    rows = sweep(
+        args.checkpoint,
+        args.option,
+        args.values,
+        args.seeds,
+        args.per_epoch_decay,
+        args.horizon_scale,
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
