@@ -41,24 +41,20 @@ features shared by all parameters (`lopt.common.progress_features`, 8).
 Sizes (h = hidden_size, L = hidden_layers):
 
 * meta-parameters: (F + 8)·h + h + (L − 1)·(h² + h) + 2h + 2; the default configuration
-  (h = 8, L = 2, K = R = 3) has (16 + 8)·8 + 8 + 72 + 18 = 290
-  (`AdaFacLOpt().num_meta_params`; `MLPLOpt`'s default has 1,794);
+  (h = 4, L = 2, K = R = 3) has (16 + 8)·4 + 4 + 20 + 10 = 130
+  (`AdaFacLOpt().num_meta_params`; 290 at h = 8, the default before issue 22);
 * state: the momenta, 4·K bytes per parameter, plus 4·R·(a + b) bytes per [a, b] tensor for
   the accumulators: 12 bytes per parameter for a large matrix by default (Adam 8, `MLPLOpt`
   20); a vector's entries keep 4·(K + R) bytes each (`AdaFacLOpt.state_bytes`);
 * compute per parameter and update: about 2h·(F + (L − 1)·(h + 1) + 3) FLOPs in the
-  network, plus about 5F + 3K + 20 for the state and the features: about 560 by default,
-  3,500 with h = 32 (Adam: about 12).
+  network, plus about 5F + 3K + 20 for the state and the features: about 300 by default,
+  560 with h = 8 (Adam: about 12).
 
-Measured on this project's 2-core CPU with `evaluate.measure.lopt_cost.measure` (its
-967,130-parameter ConvNet; jitted updates with donated state, timed in rounds alternating with
-`optax.adam`'s; medians of 7 rounds on a machine shared with other jobs): Adam 1.9 ms per
-update; this optimizer 39 ms by default (21x Adam's), 27 ms with hidden_size 4 and
-hidden_layers 1 (14x), 104 ms with hidden_size 32 (54x); `MLPLOpt`'s default 216 ms (110x).
-A target of ~3x Adam's is out of reach for a per-parameter network on this CPU: Adam
-streams about 6 floats per parameter, while the update here also builds 16 features and
-runs the network on each parameter; the state update and the normalisation statistics
-alone take about 5x Adam's time.
+Why 4×2: at equal meta-training budget it trained held-out tasks as well as 8×2 or better
+(docs/optimizers.md, "Network size"), and its update costs about a quarter less (on the
+project's 2-core CPU, `python -m evaluate.measure.lopt_cost`: 6.1× Adam's against 8.3× at
+967k parameters, 2.85× against 3.71× at 10M; docs/speed.md). A checkpoint saves its sizes,
+so one trained at 8×2 loads as it was.
 
 Numerics (the contract of `lopt.common`):
 
@@ -520,7 +516,7 @@ class AdaFacLOpt:
         `lopt.fused.FUSED_MAX_MULTIPLY_ADDS` per parameter, as for `MLPLOpt`.
     """
 
-    hidden_size: int = 8
+    hidden_size: int = 4
     hidden_layers: int = 2
     momentum_decays: Sequence[float] = (0.5, 0.9, 0.99)
     rms_decays: Sequence[float] = (0.9, 0.99, 0.999)

@@ -35,9 +35,10 @@ def _count(theta) -> int:
 
 def test_meta_parameter_count_matches_the_formula_and_the_docstring():
     lopt = AdaFacLOpt()
-    assert _expected_count(8, 2, 3, 3) == 290
-    assert _count(lopt.init_meta(jax.random.PRNGKey(0))) == lopt.num_meta_params == 290
-    assert "(16 + 8)·8 + 8 + 72 + 18 = 290" in adafac.__doc__
+    assert _expected_count(4, 2, 3, 3) == 130
+    assert _count(lopt.init_meta(jax.random.PRNGKey(0))) == lopt.num_meta_params == 130
+    assert "(16 + 8)·4 + 4 + 20 + 10 = 130" in adafac.__doc__
+    assert _expected_count(8, 2, 3, 3) == 290  # the default before issue 22
     other = AdaFacLOpt(
         hidden_size=32, hidden_layers=3, momentum_decays=(0.9,), rms_decays=(0.5, 0.9)
     )

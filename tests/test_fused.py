@@ -244,6 +244,8 @@ def _big_tree(key):
 OTHER_KINDS = [
     # ~7 s: the slow stage (keeps the default stage under 10 minutes)
     pytest.param(AdaFacLOpt, {}, False, id="adafac", marks=pytest.mark.slow),
+    # 8x2, AdaFac's default before issue 22: saved checkpoints of that size must keep working
+    pytest.param(AdaFacLOpt, {"hidden_size": 8}, False, id="adafac-8x2", marks=pytest.mark.slow),
     pytest.param(HierarchicalLOpt, {}, False, id="hierarchical"),
     # With a tensor above AdaFac's block size its matmul path loops over blocks (~40 s to
     # compile both paths on 2 cores): the slow stage.
