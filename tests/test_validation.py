@@ -54,6 +54,7 @@ def test_scores_are_deterministic_for_fixed_theta(tmp_path):
     assert first(other)["score"] != a["score"]  # it measures θ
 
 
+@pytest.mark.slow  # ~6-11 s; keeps the default stage under 10 minutes
 def test_a_horizon_scale_trains_the_same_tasks_longer(tmp_path):
     run = build_run(_config(tmp_path))
     base, longer = build_validator(run), build_validator(run, horizon_scale=3)
