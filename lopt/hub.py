@@ -9,8 +9,8 @@ checkpoint, a model card `README.md`, tables and curves). `checkpoints/shipped.j
 them, with a description, the horizon they default to, settings chosen after
 meta-training on the optimizer's own meta-validation tasks with `python -m
 evaluate.measure.valid_sweep` (a fixed `weight_decay`; a `weight_decay_per_epoch` that
-`steps_per_epoch=` spreads over a pass over the caller's data) and a SHA-256 of their
-weights; every
+`steps_per_epoch=` spreads over a pass over the caller's data; `options`, other fields of the
+rule such as `width_scale_max`) and a SHA-256 of their weights; every
 load recomputes the hash and refuses weights that do not match, so a truncated download or
 an edited file is an error, never a silently different optimizer. An installed wheel
 carries the same folders as `lopt/shipped/` (see `setup.py`); a checkout reads
@@ -116,7 +116,8 @@ def load_pretrained(
       `(tx, theta, lopt)`, as `lopt.export.load_optax`.
 
     Raises:
-      PretrainedError: for an unknown name, missing weights or a hash mismatch.
+      PretrainedError: for an unknown name, missing weights, a hash mismatch or an index
+        option the rule does not have.
       ValueError: `steps_per_epoch` not positive.
     """
     if steps_per_epoch is not None and not steps_per_epoch > 0:
@@ -146,14 +147,22 @@ def load_pretrained(
         weight_decay = float(per_epoch) / max(float(steps_per_epoch), fewest)
     if weight_decay is None:  # the index may ship the rule with a decay chosen after training
         weight_decay = entry.get("weight_decay")
+    # Options chosen after meta-training (on meta-validation, like the decay): not
+    # meta-parameters, so they live in the index rather than in the checkpoint.
+    changes = dict(entry.get("options", {}))
     if weight_decay is not None:
-        if not hasattr(lopt, "weight_decay"):
+        changes["weight_decay"] = float(weight_decay)
+    if changes:
+        fields = {f.name for f in dataclasses.fields(lopt)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
             raise PretrainedError(
-                f"shipped optimizer {name!r} ({type(lopt).__name__}) has no weight_decay option"
+                f"shipped optimizer {name!r} ({type(lopt).__name__}) has no option(s) "
+                f"{', '.join(unknown)}"
             )
         from lopt.export import as_optax  # noqa: PLC0415
 
-        lopt = dataclasses.replace(lopt, weight_decay=float(weight_decay))  # checks its range
+        lopt = dataclasses.replace(lopt, **changes)  # checks their ranges
         tx = as_optax(lopt, theta, horizon)
     return tx, theta, lopt
 

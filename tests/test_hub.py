@@ -1,5 +1,6 @@
 """`lopt.pretrained`: the shipped optimizers by name, checked against their hashes."""
 
+import json
 import shutil
 
 import jax.numpy as jnp
@@ -205,6 +206,23 @@ def test_weight_decay_comes_from_the_index_and_a_caller_can_override_it():
     assert rule.weight_decay == 0.0  # the rule exactly as meta-trained
     with pytest.raises(ValueError, match="weight_decay"):
         lopt.pretrained("generalist", weight_decay=-1e-3)
+
+
+def test_index_options_set_the_rule_and_unknown_ones_fail_clearly(tmp_path, monkeypatch):
+    index = shipped._index()
+    for name in lopt.pretrained():
+        _, _, rule = load_pretrained(name)
+        for key, value in index[name].get("options", {}).items():
+            assert getattr(rule, key) == value, (name, key)
+    assert load_pretrained("generalist")[2].width_scale_max == 2.0  # chosen on meta-validation
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(shipped.shipped_dir() / "mnist1d-mlp-pes", copy / "mnist1d-mlp-pes")
+    entry = {**index["mnist1d-mlp-pes"], "options": {"nope": 1.0}}
+    (copy / "shipped.json").write_text(json.dumps({"mnist1d-mlp-pes": entry}))
+    monkeypatch.setattr(shipped, "_WHEEL_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(shipped, "_REPO_DIR", copy)
+    with pytest.raises(PretrainedError, match="has no option.s. nope"):
+        lopt.pretrained("mnist1d-mlp-pes")
 
 
 def test_a_decay_per_epoch_follows_the_callers_steps_per_epoch():
