@@ -54,6 +54,21 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     assert held_row["score"] == epoch_rows[1]["score"]
     assert held_row["steps_per_epoch"] == epoch_rows[1]["steps_per_epoch"]
 
+    # A floor under the decay per epoch: with no decay per epoch, a floor of 1e-2 is a fixed
+    # decay of 1e-2 on every task, the second row above.
+    floor = tmp_path / "floor.json"
+    args = ["--option", "weight_decay_floor", "--values", "1e-2", "--per-epoch-decay", "0"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--seeds", "1", "--out", str(floor)])
+    (floor_row,) = json.loads(floor.read_text())
+    assert floor_row["score"] == rows[1]["score"]
+
+    # Another option held with --set while one is swept: the same decay of 1e-2, set there.
+    held_set = tmp_path / "held_set.json"
+    args = ["--option", "width_scale_max", "--values", "0", "--set", "weight_decay=1e-2"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--seeds", "1", "--out", str(held_set)])
+    (set_row,) = json.loads(held_set.read_text())
+    assert set_row["score"] == rows[1]["score"]
+
     # The same tasks trained twice as long: twice the horizons, another score.
     longer = tmp_path / "longer.json"
     args = ["--option", "weight_decay", "--values", "0", "--seeds", "1", "--horizon-scale", "2"]
@@ -74,6 +89,17 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     assert "sweep one of them" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
         + ["--per-epoch-decay", "0.3"]
+    )
+    assert "needs --per-epoch-decay" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_floor", "--values", "1e-3"]
+    )
+    assert "--set wants OPTION=NUMBER, got 'weight_decay'" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
+        + ["--set", "weight_decay"]
+    )
+    assert "no option 'nope'" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
+        + ["--set", "nope=1"]
     )
     assert "--horizon-scale must be an integer >= 1" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]

@@ -13,7 +13,10 @@ their key), scored as meta-validation scores (final validation loss ÷ Adam's at
 `--option weight_decay_per_epoch` sweeps a decay that follows each task's data: task i
 trains with `weight_decay = value / steps_per_epoch_i` (`tasks.epochs`), the rule
 `lopt.pretrained(..., steps_per_epoch=)` applies with the index's `weight_decay_per_epoch`.
-`--per-epoch-decay C` holds that decay at C while another option is swept.
+`--per-epoch-decay C` holds that decay at C while another option is swept;
+`--option weight_decay_floor` sweeps a least decay per step under it (each task trains with
+`max(C / steps_per_epoch_i, value)`). `--set OPTION=VALUE` holds any other option (the
+shipped index's `options`, say) while one is swept.
 `--horizon-scale K` trains the same tasks and seeds K times longer than the run validated
 them: a setting such as the decay can look neutral at meta-training's episode lengths and
 matter at the longer horizons users train for.
@@ -36,6 +39,7 @@ example:
 
 
 PER_EPOCH = "weight_decay_per_epoch"
+FLOOR = "weight_decay_floor"
 """The option name of a weight decay per pass over each task's data."""
 
 
@@ -46,6 +50,7 @@ def sweep(
     seeds: int,
     per_epoch_decay: float | None = None,
     horizon_scale: int = 1,
+    held: dict[str, float] | None = None,
 ) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
@@ -57,6 +62,8 @@ def sweep(
       per_epoch_decay: with another option swept, every task also trains with
         `weight_decay = per_epoch_decay / steps_per_epoch` (None: the checkpoint's decay).
       horizon_scale: every validation task's horizon multiplied by this.
+      held: other options set to these values throughout (the shipped index's `options`,
+        say), so a setting is chosen with the ones already chosen in place.
 
     Returns:
       One row per value: the value, `score` and the per-task ratios.
@@ -74,12 +81,19 @@ def sweep(
     config = dataclasses.replace(config, valid=dataclasses.replace(config.valid, num_seeds=seeds))
     run = build_run(config)
     per_epoch = option == PER_EPOCH
+    floor = option == FLOOR
     if per_epoch and per_epoch_decay is not None:
         raise UserError(f"--per-epoch-decay with --option {PER_EPOCH}: sweep one of them")
-    field = "weight_decay" if per_epoch else option
-    for name in {field} | ({"weight_decay"} if per_epoch_decay is not None else set()):
+    if floor and per_epoch_decay is None:
+        raise UserError(f"--option {FLOOR} needs --per-epoch-decay C: the decay it bounds")
+    field = "weight_decay" if per_epoch or floor else option
+    held = dict(held or {})
+    names = {field} | set(held) | ({"weight_decay"} if per_epoch_decay is not None else set())
+    for name in sorted(names):
         if not any(f.name == name for f in dataclasses.fields(run.lopt)):
             raise UserError(f"{type(run.lopt).__name__} has no option {name!r}")
+    if held:
+        run.lopt = dataclasses.replace(run.lopt, **held)
     per_task = per_epoch or per_epoch_decay is not None
     validator = build_validator(run, horizon_scale)
     task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
@@ -88,9 +102,14 @@ def sweep(
     rows = []
     for value in values:
         if per_task:  # each task its own decay: the swept one, or the one held
-            decay, swept = (value, {}) if per_epoch else (per_epoch_decay, {option: value})
+            decay, least, swept = (value, 0.0, {}) if per_epoch else (per_epoch_decay, 0.0, {})
+            if floor:
+                least = value
+            elif not per_epoch:
+                swept = {option: value}
             validator.task_lopts = [
-                dataclasses.replace(run.lopt, **swept, weight_decay=decay / n) for n in task_steps
+                dataclasses.replace(run.lopt, **swept, weight_decay=max(decay / n, least))
+                for n in task_steps
             ]
         else:
             validator.lopt = dataclasses.replace(run.lopt, **{option: value})
@@ -130,6 +149,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="K",
         help="train every validation task K times longer than the run did (1)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="hold another option at a value throughout (repeatable), e.g. the shipped "
+        "index's options: --set width_scale_max=3",
+    )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     # Its own run_cli, under `lopt measure` too (whose dispatcher runs tools without the
@@ -147,10 +174,25 @@ def _main(args: argparse.Namespace) -> int:
         args.seeds,
         args.per_epoch_decay,
         args.horizon_scale,
+        _held(args.set),
     )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _held(pairs: list[str]) -> dict[str, float]:
+    """`--set OPTION=VALUE` pairs as a dict; a malformed pair is a user error."""
+    held = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            held[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--set wants OPTION=NUMBER, got {pair!r}")
+    return held
 
 
 if __name__ == "__main__":
