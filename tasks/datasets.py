@@ -15,8 +15,8 @@ Inside a directory `D` the files may sit in `D/<name>`, `D/<debian-name>` or `D`
 files (`train-images-idx3-ubyte.gz` etc., gzip or plain) for the MNISTs, the python-pickle
 release `cifar-10-batches-py/` for CIFAR-10.
 
-Preprocessed results are cached as `.npz` files under `cache_dir`, `LOPT_CACHE_DIR` or
-`~/.cache/lopt/datasets`, keyed by the arguments and a fingerprint of the source.
+Preprocessed results are cached as `.npz` files under `cache_dir`, `$LOPT_CACHE_DIR/datasets`
+or `~/.cache/lopt/datasets`, keyed by the arguments and a fingerprint of the source.
 """
 
 from __future__ import annotations
@@ -535,10 +535,8 @@ def _preprocess(
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get("LOPT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lopt" / "datasets"
+    env = os.environ.get("LOPT_CACHE_DIR")  # the root of every cache, as for bench/ and jax/
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "lopt") / "datasets"
 
 
 def _read_cache(path: Path, meta: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -634,8 +632,8 @@ def load_dataset(
       grayscale: convert cifar10 to one luminance channel (no-op for the MNISTs).
       valid_size: the validation split carved out of the original train split: a fraction in
         (0, 1) or an absolute count. 'test' is always the official test split.
-      cache_dir: where preprocessed results are cached; default `LOPT_CACHE_DIR` or
-        `~/.cache/lopt/datasets`.
+      cache_dir: where preprocessed results are cached; default `$LOPT_CACHE_DIR/datasets`
+        or `~/.cache/lopt/datasets`.
       seed: seed of the train / valid permutation.
 
     Returns:

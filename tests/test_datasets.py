@@ -425,7 +425,7 @@ def test_cache_hit_corrupt_cache_and_fingerprint(tmp_path):
     second = load_dataset("mnist", str(tmp_path / "data"))
     assert second.source.startswith("cache:")
     cache_file = Path(second.source.removeprefix("cache:"))
-    assert cache_file.parent == tmp_path / "cache" and cache_file.suffix == ".npz"
+    assert cache_file.parent == tmp_path / "cache" / "datasets" and cache_file.suffix == ".npz"
     assert [p.name for p in cache_file.parent.iterdir()] == [cache_file.name]  # no temp left
     for k in ("train", "valid", "test"):
         np.testing.assert_array_equal(first.splits[k][0], second.splits[k][0])
