@@ -99,6 +99,7 @@ def sweep(
     task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
     if None in task_steps:
         raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
+    horizons = [t.horizon for t in validator.tasks]
     rows = []
     for value in values:
         if per_task:  # each task its own decay: the swept one, or the one held
@@ -116,7 +117,6 @@ def sweep(
         scores = validator(theta)
         if per_task:
             scores["steps_per_epoch"] = task_steps
-        horizons = [t.horizon for t in validator.tasks]
         rows.append({option: value, **scores, "horizons": horizons})
         print(f"{option}={value:g}: score {scores['score']:.4f}", flush=True)
     return rows
