@@ -77,6 +77,14 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     assert long_row["horizons"] == [2 * h for h in rows[0]["horizons"]]
     assert long_row["score"] != rows[0]["score"]
 
+    # Fewer (or more) tasks of the same held-out stream: one here.
+    one = tmp_path / "one.json"
+    args = ["--option", "weight_decay", "--values", "0", "--seeds", "1", "--num-tasks", "1"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--out", str(one)])
+    (one_row,) = json.loads(one.read_text())
+    assert len(one_row["horizons"]) == 1 and len(rows[0]["horizons"]) > 1
+    assert "task0_ratio" in one_row and "task1_ratio" not in one_row
+
 
 def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     def error(argv: list[str]) -> str:
@@ -104,6 +112,10 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     assert "--horizon-scale must be an integer >= 1" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
         + ["--horizon-scale", "0"]
+    )
+    assert "--num-tasks must be an integer >= 1" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
+        + ["--num-tasks", "0"]
     )
     missing = ["no/such/dir", "--option", "weight_decay", "--values", "1"]
     assert error(missing) == "error: no checkpoint directory no/such/dir"

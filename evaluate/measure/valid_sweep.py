@@ -51,6 +51,7 @@ def sweep(
     per_epoch_decay: float | None = None,
     horizon_scale: int = 1,
     held: dict[str, float] | None = None,
+    num_tasks: int | None = None,
 ) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
@@ -64,12 +65,16 @@ def sweep(
       horizon_scale: every validation task's horizon multiplied by this.
       held: other options set to these values throughout (the shipped index's `options`,
         say), so a setting is chosen with the ones already chosen in place.
+      num_tasks: validation tasks to score on (None: the run's `valid.num_tasks`). More
+        tasks of the same held-out stream make a choice less hostage to which few were drawn.
 
     Returns:
       One row per value: the value, `score` and the per-task ratios.
     """
     if not (isinstance(horizon_scale, int) and horizon_scale >= 1):
         raise UserError(f"--horizon-scale must be an integer >= 1, got {horizon_scale}")
+    if num_tasks is not None and not (isinstance(num_tasks, int) and num_tasks >= 1):
+        raise UserError(f"--num-tasks must be an integer >= 1, got {num_tasks}")
     from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
     from meta_train.build import build_run  # noqa: PLC0415
     from meta_train.config import from_dict  # noqa: PLC0415
@@ -78,7 +83,10 @@ def sweep(
 
     theta, saved = load_theta(checkpoint)
     config = from_dict(saved)
-    config = dataclasses.replace(config, valid=dataclasses.replace(config.valid, num_seeds=seeds))
+    valid = dataclasses.replace(config.valid, num_seeds=seeds)
+    if num_tasks is not None:
+        valid = dataclasses.replace(valid, num_tasks=num_tasks)
+    config = dataclasses.replace(config, valid=valid)
     run = build_run(config)
     per_epoch = option == PER_EPOCH
     floor = option == FLOOR
@@ -135,6 +143,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--values", required=True, nargs="+", type=float, help="its values")
     p.add_argument("--seeds", type=int, default=3, help="seeds per validation task (3)")
     p.add_argument(
+        "--num-tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score on N validation tasks of the run's held-out stream (default: the run's)",
+    )
+    p.add_argument(
         "--per-epoch-decay",
         type=float,
         default=None,
@@ -175,6 +190,7 @@ def _main(args: argparse.Namespace) -> int:
         args.per_epoch_decay,
         args.horizon_scale,
         _held(args.set),
+        args.num_tasks,
     )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
