@@ -39,8 +39,9 @@ example:
 
 
 PER_EPOCH = "weight_decay_per_epoch"
-FLOOR = "weight_decay_floor"
 """The option name of a weight decay per pass over each task's data."""
+FLOOR = "weight_decay_floor"
+"""The option name of a least decay per step under the decay per epoch."""
 
 
 def sweep(
@@ -111,11 +112,9 @@ def sweep(
     rows = []
     for value in values:
         if per_task:  # each task its own decay: the swept one, or the one held
-            decay, least, swept = (value, 0.0, {}) if per_epoch else (per_epoch_decay, 0.0, {})
-            if floor:
-                least = value
-            elif not per_epoch:
-                swept = {option: value}
+            decay = value if per_epoch else per_epoch_decay
+            least = value if floor else 0.0
+            swept = {} if per_epoch or floor else {option: value}
             validator.task_lopts = [
                 dataclasses.replace(run.lopt, **swept, weight_decay=max(decay / n, least))
                 for n in task_steps
