@@ -101,22 +101,13 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     assert "needs --per-epoch-decay" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_floor", "--values", "1e-3"]
     )
+    one_decay = ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
     assert "--set wants OPTION=NUMBER, got 'weight_decay'" in error(
-        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
-        + ["--set", "weight_decay"]
+        [*one_decay, "--set", "weight_decay"]
     )
-    assert "no option 'nope'" in error(
-        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
-        + ["--set", "nope=1"]
-    )
-    assert "--horizon-scale must be an integer >= 1" in error(
-        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
-        + ["--horizon-scale", "0"]
-    )
-    assert "--num-tasks must be an integer >= 1" in error(
-        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay", "--values", "1"]
-        + ["--num-tasks", "0"]
-    )
+    assert "no option 'nope'" in error([*one_decay, "--set", "nope=1"])
+    assert "--horizon-scale must be an integer >= 1" in error([*one_decay, "--horizon-scale", "0"])
+    assert "--num-tasks must be an integer >= 1" in error([*one_decay, "--num-tasks", "0"])
     missing = ["no/such/dir", "--option", "weight_decay", "--values", "1"]
     assert error(missing) == "error: no checkpoint directory no/such/dir"
     # The same through `lopt measure`, which calls main directly: a message, no traceback.

@@ -200,13 +200,14 @@ def _held(pairs: list[str]) -> dict[str, float]:
     """`--set OPTION=VALUE` pairs as a dict; a malformed pair is a user error."""
     held = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
+        name, _, value = pair.partition("=")
         try:
-            held[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
+            number = None
+        if number is None or not name.strip():
             raise UserError(f"--set wants OPTION=NUMBER, got {pair!r}")
+        held[name.strip()] = number
     return held
 
 
