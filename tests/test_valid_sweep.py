@@ -106,6 +106,10 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
         [*one_decay, "--set", "weight_decay"]
     )
     assert "no option 'nope'" in error([*one_decay, "--set", "nope=1"])
+    assert "each task's decay is set" in error(  # the decay per epoch would overwrite it
+        ["checkpoints/mnist1d-mlp-pes", "--option", "width_scale_max", "--values", "1"]
+        + ["--per-epoch-decay", "0.3", "--set", "weight_decay=1e-2"]
+    )
     assert "--horizon-scale must be an integer >= 1" in error([*one_decay, "--horizon-scale", "0"])
     assert "--num-tasks must be an integer >= 1" in error([*one_decay, "--num-tasks", "0"])
     missing = ["no/such/dir", "--option", "weight_decay", "--values", "1"]

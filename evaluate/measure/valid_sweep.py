@@ -97,6 +97,8 @@ def sweep(
         raise UserError(f"--option {FLOOR} needs --per-epoch-decay C: the decay it bounds")
     field = "weight_decay" if per_epoch or floor else option
     held = dict(held or {})
+    if "weight_decay" in held and (per_epoch or per_epoch_decay is not None):
+        raise UserError("--set weight_decay with a decay per epoch: each task's decay is set")
     names = {field} | set(held) | ({"weight_decay"} if per_epoch_decay is not None else set())
     for name in sorted(names):
         if not any(f.name == name for f in dataclasses.fields(run.lopt)):
