@@ -88,6 +88,34 @@ def weights_sha256(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def verified_folder(name: str) -> tuple[Path, dict[str, Any]]:
+    """A shipped optimizer's checkpoint folder, its weights checked against their hash.
+
+    Args:
+      name: one of `pretrained()`.
+
+    Returns:
+      `(folder, entry)`: the checkpoint folder and the optimizer's index entry.
+
+    Raises:
+      PretrainedError: for an unknown name, a missing folder or a hash mismatch.
+    """
+    index = _index()
+    if name not in index:
+        raise PretrainedError(f"no shipped optimizer {name!r}; shipped: {sorted(index)}")
+    entry = index[name]
+    folder = shipped_dir() / name
+    if not folder.is_dir():
+        raise PretrainedError(f"shipped optimizer {name!r}: its folder {folder} is missing")
+    digest = weights_sha256(folder)
+    if digest != entry["sha256"]:
+        raise PretrainedError(
+            f"shipped optimizer {name!r}: its weights in {folder} do not match their hash "
+            f"(expected {entry['sha256'][:16]}..., got {digest[:16]}...): corrupt or edited"
+        )
+    return folder, entry
+
+
 def load_pretrained(
     name: str,
     num_steps: int | None = None,
@@ -122,19 +150,7 @@ def load_pretrained(
     """
     if steps_per_epoch is not None and not steps_per_epoch > 0:
         raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
-    index = _index()
-    if name not in index:
-        raise PretrainedError(f"no shipped optimizer {name!r}; shipped: {sorted(index)}")
-    entry = index[name]
-    folder = shipped_dir() / name
-    if not folder.is_dir():
-        raise PretrainedError(f"shipped optimizer {name!r}: its folder {folder} is missing")
-    digest = weights_sha256(folder)
-    if digest != entry["sha256"]:
-        raise PretrainedError(
-            f"shipped optimizer {name!r}: its weights in {folder} do not match their hash "
-            f"(expected {entry['sha256'][:16]}..., got {digest[:16]}...): corrupt or edited"
-        )
+    folder, entry = verified_folder(name)
     from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
 
     horizon = int(entry["num_steps"]) if num_steps is None else num_steps

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from lopt.base import LearnedOptimizer
+from lopt.checkpoint import load_theta
+from lopt.hub import verified_folder
 from lopt.registry import make_lopt
-from meta_train.config import Config
+from meta_train.config import Config, ConfigError
 from meta_train.devices import (
     estimator_shardings,
     shard_learner_state,
@@ -53,6 +57,73 @@ def _init_group(estimator, theta, key: jax.Array, group: jax.Array):
     estimator's after a template switch, compiled once per template, or a gradient worker's
     of every group (`group` 0)."""
     return estimator.init(key, theta, group)
+
+
+def initial_theta(init_from: str, lopt_config: dict, fresh):
+    """The meta-parameters of a checkpoint, to start a run from (`meta.init_from`).
+
+    Args:
+      init_from: a checkpoint directory (its best step, as `lopt.checkpoint.load_theta`
+        picks) or the name of a shipped optimizer (`lopt.pretrained()`; its hash is checked).
+        A path that exists wins over a shipped name.
+      lopt_config: the run's `[lopt]` section (`{"kind": ..., **options}`).
+      fresh: freshly drawn meta-parameters of the run's learned optimizer: the structure,
+        shapes and dtypes the loaded ones must have.
+
+    Returns:
+      The checkpoint's meta-parameters in the structure of `fresh`.
+
+    Raises:
+      ConfigError: the checkpoint's learned optimizer is of another kind, or its network
+        does not fit the run's (each differing leaf named); the message also names `[lopt]`
+        options that differ. Other option differences (a switch such as `width_scale_max`
+        changed on purpose) pass with a warning.
+      CheckpointError, PretrainedError: nothing loadable at `init_from`.
+    """
+    folder = Path(init_from)
+    if not folder.exists() and "/" not in init_from:
+        folder = verified_folder(init_from)[0]
+    loaded, saved = load_theta(str(folder))
+    saved_lopt = dict(saved.get("lopt", {}))
+
+    def same(a, b) -> bool:  # JSON gives lists where the config holds tuples
+        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+    # A key the checkpoint lacks was added since, with a default that keeps older rules.
+    differ = sorted(
+        k for k in set(saved_lopt) & set(lopt_config) if not same(saved_lopt[k], lopt_config[k])
+    )
+    shown = ", ".join(
+        f"{k}: {saved_lopt.get(k)!r} there, {lopt_config.get(k)!r} here" for k in differ
+    )
+    if saved_lopt.get("kind") != lopt_config.get("kind"):
+        raise ConfigError(f"meta.init_from={init_from!r} holds another learned optimizer ({shown})")
+    want = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    want = {jax.tree_util.keystr(k): v for k, v in want.items()}
+    got = {jax.tree_util.keystr(k): v for k, v in got.items()}
+    misfits = [
+        f"{k}: {tuple(got[k].shape) if k in got else 'missing'} there, "
+        f"{tuple(want[k].shape) if k in want else 'absent'} here"
+        for k in sorted(set(want) | set(got))
+        if k not in got or k not in want or tuple(got[k].shape) != tuple(want[k].shape)
+    ]
+    if misfits:
+        raise ConfigError(
+            f"meta.init_from={init_from!r}: its meta-parameters do not fit this run's "
+            f"learned optimizer ({'; '.join(misfits[:6])}"
+            f"{'; ...' if len(misfits) > 6 else ''})"
+            + (f"; [lopt] differs: {shown}" if shown else "")
+        )
+    if differ:
+        warnings.warn(
+            f"meta.init_from={init_from!r}: [lopt] differs from its run ({shown})", stacklevel=3
+        )
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [jnp.asarray(got[jax.tree_util.keystr(k)], v.dtype) for k, v in leaves],
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,6 +173,16 @@ class Run:
         """The estimator over groups of these templates."""
         return self.estimator.replace(problems=tuple(self.problem(t) for t in templates))
 
+    @functools.cached_property
+    def start_theta(self):
+        """The meta-parameters a new run starts from: `meta.init_from`'s, else drawn from
+        the seed. Loaded once; `meta_train` asks before it writes anything, so a bad
+        `init_from` fails first."""
+        fresh = self.lopt.init_meta(jax.random.split(self._key())[0])
+        if not self.config.meta.init_from:
+            return fresh
+        return initial_theta(self.config.meta.init_from, self.config.lopt.to_dict(), fresh)
+
     def init_state(self) -> LearnerState:
         """The initial learner state, particles sharded across devices."""
         return self.place(self._initial_state())
@@ -109,6 +190,8 @@ class Run:
     def _initial_state(self, templates=None, particles: bool = True) -> LearnerState:
         k_theta, k_learner = jax.random.split(self._key())
         theta = self.lopt.init_meta(k_theta)
+        if self.config.meta.init_from:  # a copy: the learner may donate its θ
+            theta = jax.tree.map(jnp.array, self.start_theta)
         est = self.estimator if templates is None else self.estimator_for(templates)
         return init_learner(est if particles else None, theta, self.outer_opt, k_learner)
 

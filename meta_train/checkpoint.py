@@ -96,6 +96,7 @@ RESUME_MUTABLE_KEYS: frozenset[str] = frozenset(
     {
         "meta.outer_steps",
         "meta.stop_after",  # an equal-budget cut of a recipe goes on as the whole recipe
+        "meta.init_from",  # only where θ started: a resumed run goes on from its own θ
         "run.out_dir",  # where a run lives is not part of its identity: moved folders resume
         "run.checkpoint_every",
         "run.log_every",

@@ -234,6 +234,7 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "sign_diff": BOOL,
         "diff_clip": Rule("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
         "late_weight": Rule("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
+        "init_from": ANY_STR,  # "" draws θ fresh; checked against the network when built
     },
     "eval": {
         "num_tasks": int_at_least(1),
@@ -404,6 +405,11 @@ class MetaConfig:
       late_weight: weight each window by the episode's progress at its end, raised to this
         power (0: all windows alike; ES estimators only): the meta-objective then leans on
         the end of training, where overfitting shows (`WindowObjective.late_weight`).
+      init_from: start from these meta-parameters instead of fresh ones: a checkpoint
+        directory of an earlier run (its best step) or the name of a shipped optimizer
+        (`lopt.pretrained()`, its hash checked). The learned optimizer's kind and network
+        must match (`meta_train.build.initial_theta`); "" (default) draws θ from the seed.
+        Fine-tunes a trained rule on another family; a resumed run ignores it.
 
     Learning rates, sigma and the clips are finite and > 0 (diff_clip >= 0); counts >= 1.
     """
@@ -428,6 +434,7 @@ class MetaConfig:
     sign_diff: bool = False
     diff_clip: float = 0.0
     late_weight: float = 0.0
+    init_from: str = ""
 
     def __post_init__(self):
         check_section("meta", self)

@@ -282,6 +282,8 @@ def _meta_train(run: Run, resume: Resume, stream) -> tuple[Any, dict, RunLogger]
     cfg, m = run.config, run.config.meta
     out = Path(cfg.run.out_dir)
     latest = check_run_folder(out, resume)
+    if latest is None:
+        run.start_theta  # noqa: B018 - loads `meta.init_from` before anything is written
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(str(out / "checkpoints"), max_to_keep=cfg.run.max_to_keep)
     server = None

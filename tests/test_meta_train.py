@@ -594,6 +594,31 @@ def test_existing_checkpoints_and_config_mismatch_are_user_errors(tmp_path, trai
     assert sorted(os.listdir(run_dir / "checkpoints")) == before
 
 
+@pytest.mark.slow  # ~10 s; the default stage is near its 10 minutes
+def test_init_from_starts_at_a_checkpoints_theta_and_refuses_another_network(
+    tmp_path, trained, capsys
+):
+    saved_theta, _ = load_theta(str(trained / "checkpoints"))
+    cfg = _config(tmp_path / "ft", f"meta.init_from='{trained / 'checkpoints'}'")
+    start = build_run(cfg).init_state().theta
+    for a, b in zip(jax.tree.leaves(saved_theta), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(a, b)
+    fresh = build_run(_config(tmp_path / "fresh")).init_state().theta
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(start), strict=True)
+    )
+    # A shipped optimizer by name: hash-checked, then refused by a wider network, each
+    # misfit leaf named; nothing is written.
+    assert main(_cli(tmp_path, "meta.init_from=generalist", "lopt.hidden_size=8")) == 2
+    last = _last_line(capsys.readouterr().err)
+    assert "meta.init_from='generalist'" in last and "do not fit" in last
+    assert "['w_in']: (20, 4) there, (20, 8) here" in last and "hidden_size: 4 there" in last
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(_cli(tmp_path, f"meta.init_from='{tmp_path / 'nothing'}'")) == 2
+    assert "nothing" in _last_line(capsys.readouterr().err)
+
+
 def test_debug_shows_the_traceback_of_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="lopt.kind"):
         main(_cli(tmp_path, "lopt.kind=adam", "--debug"))
