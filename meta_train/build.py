@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lopt.base import LearnedOptimizer
 from lopt.checkpoint import load_theta
-from lopt.hub import verified_folder
+from lopt.hub import PretrainedError, verified_folder
 from lopt.registry import make_lopt
 from meta_train.config import Config, ConfigError
 from meta_train.devices import (
@@ -78,11 +78,15 @@ def initial_theta(init_from: str, lopt_config: dict, fresh):
         does not fit the run's (each differing leaf named); the message also names `[lopt]`
         options that differ. Other option differences (a switch such as `width_scale_max`
         changed on purpose) pass with a warning.
-      CheckpointError, PretrainedError: nothing loadable at `init_from`.
+      ConfigError: `init_from` is neither a folder nor a shipped name, or its hash fails.
+      CheckpointError: the folder holds no loadable checkpoint.
     """
     folder = Path(init_from)
     if not folder.exists() and "/" not in init_from:
-        folder = verified_folder(init_from)[0]
+        try:
+            folder = verified_folder(init_from)[0]
+        except PretrainedError as e:  # neither a folder nor a shipped name: a user error
+            raise ConfigError(f"meta.init_from={init_from!r}: no such folder, and {e}") from e
     loaded, saved = load_theta(str(folder))
     saved_lopt = dict(saved.get("lopt", {}))
 

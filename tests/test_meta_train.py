@@ -617,6 +617,9 @@ def test_init_from_starts_at_a_checkpoints_theta_and_refuses_another_network(
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert main(_cli(tmp_path, f"meta.init_from='{tmp_path / 'nothing'}'")) == 2
     assert "nothing" in _last_line(capsys.readouterr().err)
+    assert main(_cli(tmp_path, "meta.init_from=no-such-optimizer")) == 2
+    last = _last_line(capsys.readouterr().err)
+    assert "no such folder" in last and "no shipped optimizer 'no-such-optimizer'" in last
 
 
 def test_debug_shows_the_traceback_of_user_errors(tmp_path):
