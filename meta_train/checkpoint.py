@@ -471,12 +471,22 @@ def check_compatible(saved: dict, current: dict) -> None:
 
     Raises:
       ConfigMismatchError: a key outside `RESUME_MUTABLE_KEYS` differs (lists and tuples
-        compare alike); the message lists each as ``section.key: saved X, now Y``.
+        compare alike; a key the checkpoint lacks, added since, compares as its default);
+        the message lists each as ``section.key: saved X, now Y``.
     """
+    from meta_train.config import from_dict  # noqa: PLC0415 - config imports this module
+
     old, new = _flatten_config(saved), _flatten_config(current)
+    # A key added since the checkpoint was written, at its default, keeps the old behaviour
+    # ([lopt] is left out: its defaults are its kind's).
+    defaults = {
+        k: v for k, v in _flatten_config(from_dict({}).to_dict()).items() if k[:5] != "lopt."
+    }
     differences = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if a is _MISSING and key in defaults and b is not _MISSING:
+            a = defaults[key]
         same = a is not _MISSING and b is not _MISSING and _normalise(a) == _normalise(b)
         if not same and not _is_mutable(key):
             differences.append((key, a, b))

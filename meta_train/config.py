@@ -254,6 +254,9 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "guard_patience": int_at_least(1),
         "guard_action": OneOf(_guard_actions),
         "guard_lr_factor": Rule("a number in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
+        "weight_decay_per_epoch": Rule(
+            "a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0
+        ),
     },
     "server": {
         "backend": OneOf(lambda: ("in_process", "ray")),
@@ -515,6 +518,11 @@ class ValidConfig:
         rate by guard_lr_factor) or 'stop' (end meta-training). The best checkpoint is kept
         in every case.
       guard_lr_factor: the factor of 'lower_lr'.
+      weight_decay_per_epoch: score the rule as `lopt.pretrained` ships it, with a decoupled
+        weight decay of this value / the task's steps per epoch (`tasks.epochs`) on each
+        validation task (0: the rule's own decay). Without it a task seen for many epochs
+        overfits and its ratio can dominate the score (docs/generalist.md). The learned
+        optimizer must have a `weight_decay` option.
     """
 
     every: int = 250
@@ -527,6 +535,7 @@ class ValidConfig:
     guard_patience: int = 3
     guard_action: str = "lower_lr"
     guard_lr_factor: float = 0.5
+    weight_decay_per_epoch: float = 0.0
 
     def __post_init__(self):
         check_section("valid", self)

@@ -33,7 +33,9 @@ import optax
 
 from lopt.base import LearnedOptimizer
 from lopt.export import as_optax
+from meta_train.config import ConfigError
 from meta_train.jit import jit
+from tasks.epochs import steps_per_epoch
 
 METRICS = ("final", "mean")
 GUARD_ACTIONS = ("warn", "lower_lr", "stop")
@@ -345,7 +347,7 @@ def build_validator(run, horizon_scale: int = 1) -> MetaValidator:
         run.family, run.held_out_key(), v.num_tasks, m.min_episode_len, m.max_episode_len
     )
     tasks = [dataclasses.replace(t, horizon=t.horizon * horizon_scale) for t in tasks]
-    return MetaValidator(
+    validator = MetaValidator(
         run.lopt,
         tasks,
         jax.random.fold_in(valid_key(run.held_out_key()), 1_000_000),
@@ -354,6 +356,33 @@ def build_validator(run, horizon_scale: int = 1) -> MetaValidator:
         adam_lr=v.adam_lr,
         metric=v.metric,
     )
+    if v.weight_decay_per_epoch:
+        validator.task_lopts = per_epoch_decay_lopts(
+            run.lopt, validator.tasks, v.weight_decay_per_epoch
+        )
+    return validator
+
+
+def per_epoch_decay_lopts(
+    lopt: LearnedOptimizer, tasks: Sequence[ValidTask], per_epoch: float, floor: float = 0.0
+) -> list[LearnedOptimizer]:
+    """`lopt` once per task, each with weight decay `max(per_epoch / S, floor)` per step,
+    S the task's steps per epoch (`tasks.epochs.steps_per_epoch`), as `lopt.pretrained`
+    applies the index's decay per epoch.
+
+    Raises:
+      ConfigError: `lopt` has no `weight_decay` option, or a task's steps per epoch are
+        unknown.
+    """
+    if not any(f.name == "weight_decay" for f in dataclasses.fields(lopt)):
+        raise ConfigError(
+            f"a weight decay per epoch needs a learned optimizer with a weight_decay option; "
+            f"{type(lopt).__name__} has none"
+        )
+    steps = [steps_per_epoch(t.task) for t in tasks]
+    if None in steps:
+        raise ConfigError("a weight decay per epoch: a validation task of unknown steps per epoch")
+    return [dataclasses.replace(lopt, weight_decay=max(per_epoch / n, floor)) for n in steps]
 
 
 def make_guard(run) -> Guard:

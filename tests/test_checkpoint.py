@@ -401,6 +401,18 @@ def test_check_compatible_allows_mutable_keys():
     check_compatible(CONFIG, current)
 
 
+def test_check_compatible_takes_a_key_added_since_at_its_default():
+    from meta_train.config import Config  # noqa: PLC0415
+
+    saved = Config().to_dict()
+    del saved["valid"]["weight_decay_per_epoch"]  # a checkpoint from before the key
+    current = Config().to_dict()
+    check_compatible(saved, current)
+    current["valid"]["weight_decay_per_epoch"] = 0.3
+    with pytest.raises(ConfigMismatchError, match="valid.weight_decay_per_epoch"):
+        check_compatible(saved, current)
+
+
 def test_check_compatible_names_each_differing_key():
     current = json.loads(json.dumps(CONFIG))
     current["meta"]["window"] = 10

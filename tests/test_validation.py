@@ -13,7 +13,7 @@ import pytest
 from lopt.export import load_optax
 from meta_train.build import build_run
 from meta_train.checkpoint import load_theta, pick_step, read_best, saved_steps
-from meta_train.config import load_config
+from meta_train.config import ConfigError, load_config
 from meta_train.main import meta_train
 from meta_train.validation import Guard, build_validator, horizons, validation_tasks
 
@@ -65,6 +65,25 @@ def test_a_horizon_scale_trains_the_same_tasks_longer(tmp_path):
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="horizon_scale"):
             build_validator(run, horizon_scale=bad)
+
+
+@pytest.mark.slow  # ~8 s; keeps the default stage under 10 minutes
+def test_a_decay_per_epoch_scores_each_task_with_its_own_decay(tmp_path):
+    from tasks.epochs import steps_per_epoch  # noqa: PLC0415
+
+    run = build_run(_config(tmp_path, "valid.weight_decay_per_epoch=0.5"))
+    theta = run.init_state().theta
+    decayed = build_validator(run)
+    steps = [steps_per_epoch(t.task) for t in decayed.tasks]
+    assert [lo.weight_decay for lo in decayed.task_lopts] == [0.5 / n for n in steps]
+    plain = build_validator(build_run(_config(tmp_path)))
+    assert plain.task_lopts is None
+    np.testing.assert_array_equal(plain.adam_final, decayed.adam_final)  # Adam has no decay
+    assert decayed(theta)["score"] != plain(theta)["score"]
+    with pytest.raises(ConfigError, match="no weight_decay|has none"):
+        build_validator(
+            build_run(_config(tmp_path, "valid.weight_decay_per_epoch=0.5", "lopt.kind=adafac"))
+        )
 
 
 def test_tasks_span_templates_and_horizons_and_are_not_the_evaluations(tmp_path):

@@ -79,7 +79,7 @@ def sweep(
     from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
     from meta_train.build import build_run  # noqa: PLC0415
     from meta_train.config import from_dict  # noqa: PLC0415
-    from meta_train.validation import build_validator  # noqa: PLC0415
+    from meta_train.validation import build_validator, per_epoch_decay_lopts  # noqa: PLC0415
     from tasks.epochs import steps_per_epoch  # noqa: PLC0415
 
     theta, saved = load_theta(checkpoint)
@@ -108,20 +108,20 @@ def sweep(
     per_task = per_epoch or per_epoch_decay is not None
     validator = build_validator(run, horizon_scale)
     task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
-    if None in task_steps:
-        raise UserError(f"{PER_EPOCH}: a validation task of unknown steps per epoch")
     horizons = [t.horizon for t in validator.tasks]
     rows = []
     for value in values:
         if per_task:  # each task its own decay: the swept one, or the one held
             decay = value if per_epoch else per_epoch_decay
-            least = value if floor else 0.0
             swept = {} if per_epoch or floor else {option: value}
-            validator.task_lopts = [
-                dataclasses.replace(run.lopt, **swept, weight_decay=max(decay / n, least))
-                for n in task_steps
-            ]
-        else:
+            validator.task_lopts = per_epoch_decay_lopts(
+                dataclasses.replace(run.lopt, **swept),
+                validator.tasks,
+                decay,
+                floor=value if floor else 0.0,
+            )
+        else:  # one rule for all (a run's valid.weight_decay_per_epoch is not applied)
+            validator.task_lopts = None
             validator.lopt = dataclasses.replace(run.lopt, **{option: value})
         scores = validator(theta)
         if per_task:
