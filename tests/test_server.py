@@ -113,6 +113,7 @@ def test_async_workers_are_stale_by_their_count_and_stale_estimates_are_dropped(
     assert np.all(np.isfinite(_flat(state.theta)))
 
 
+@pytest.mark.slow  # ~11 s; keeps the default stage under 10 minutes
 def test_a_queued_estimate_hides_the_round_trip_at_one_version_of_staleness(tmp_path):
     # queue_depth=2: a worker's next estimate is queued before its last one comes back, so
     # after the first estimate every one is exactly one version old (never more, with one

@@ -191,6 +191,7 @@ def test_guard_fires_on_a_diverging_run_and_keeps_the_best_theta(tmp_path, capsy
     assert any("worsening" in a for a in summary["alerts"])
 
 
+@pytest.mark.slow  # ~12 s; keeps the default stage under 10 minutes
 def test_lower_lr_guard_scales_the_outer_updates(tmp_path):
     config = _config(
         tmp_path,
