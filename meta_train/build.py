@@ -14,6 +14,7 @@ from lopt.base import LearnedOptimizer
 from lopt.checkpoint import load_theta
 from lopt.hub import PretrainedError, verified_folder
 from lopt.registry import make_lopt
+from meta_train.checkpoint import _normalise
 from meta_train.config import Config, ConfigError
 from meta_train.devices import (
     estimator_shardings,
@@ -89,23 +90,20 @@ def initial_theta(init_from: str, lopt_config: dict, fresh):
             raise ConfigError(f"meta.init_from={init_from!r}: no such folder, and {e}") from e
     loaded, saved = load_theta(str(folder))
     saved_lopt = dict(saved.get("lopt", {}))
-
-    def same(a, b) -> bool:  # JSON gives lists where the config holds tuples
-        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
-
     # A key the checkpoint lacks was added since, with a default that keeps older rules.
     differ = sorted(
-        k for k in set(saved_lopt) & set(lopt_config) if not same(saved_lopt[k], lopt_config[k])
+        k
+        for k in set(saved_lopt) & set(lopt_config)
+        if _normalise(saved_lopt[k]) != _normalise(lopt_config[k])
     )
     shown = ", ".join(
         f"{k}: {saved_lopt.get(k)!r} there, {lopt_config.get(k)!r} here" for k in differ
     )
     if saved_lopt.get("kind") != lopt_config.get("kind"):
         raise ConfigError(f"meta.init_from={init_from!r} holds another learned optimizer ({shown})")
-    want = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
-    got = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    want = {jax.tree_util.keystr(k): v for k, v in want.items()}
-    got = {jax.tree_util.keystr(k): v for k, v in got.items()}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    want = {jax.tree_util.keystr(k): v for k, v in leaves}
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
     misfits = [
         f"{k}: {tuple(got[k].shape) if k in got else 'missing'} there, "
         f"{tuple(want[k].shape) if k in want else 'absent'} here"
@@ -123,10 +121,8 @@ def initial_theta(init_from: str, lopt_config: dict, fresh):
         warnings.warn(
             f"meta.init_from={init_from!r}: [lopt] differs from its run ({shown})", stacklevel=3
         )
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
     return jax.tree_util.tree_unflatten(
-        treedef,
-        [jnp.asarray(got[jax.tree_util.keystr(k)], v.dtype) for k, v in leaves],
+        treedef, [jnp.asarray(got[k], v.dtype) for k, v in want.items()]
     )
 
 
@@ -192,10 +188,8 @@ class Run:
         return self.place(self._initial_state())
 
     def _initial_state(self, templates=None, particles: bool = True) -> LearnerState:
-        k_theta, k_learner = jax.random.split(self._key())
-        theta = self.lopt.init_meta(k_theta)
-        if self.config.meta.init_from:  # a copy: the learner may donate its θ
-            theta = jax.tree.map(jnp.array, self.start_theta)
+        k_learner = jax.random.split(self._key())[1]
+        theta = jax.tree.map(jnp.array, self.start_theta)  # a copy: the learner may donate it
         est = self.estimator if templates is None else self.estimator_for(templates)
         return init_learner(est if particles else None, theta, self.outer_opt, k_learner)
 
