@@ -95,7 +95,9 @@ def verified_folder(name: str) -> tuple[Path, dict[str, Any]]:
       name: one of `pretrained()`.
 
     Returns:
-      `(folder, entry)`: the checkpoint folder and the optimizer's index entry.
+      `(folder, entry)`: the checkpoint folder (that of the entry's `weights`, the name of
+      the shipped optimizer whose weights it shares, where it gives one) and the
+      optimizer's index entry.
 
     Raises:
       PretrainedError: for an unknown name, a missing folder or a hash mismatch.
@@ -104,7 +106,9 @@ def verified_folder(name: str) -> tuple[Path, dict[str, Any]]:
     if name not in index:
         raise PretrainedError(f"no shipped optimizer {name!r}; shipped: {sorted(index)}")
     entry = index[name]
-    folder = shipped_dir() / name
+    # Another shipped optimizer's weights with other settings (`weights`: its name); this
+    # name's own folder then holds only its model card.
+    folder = shipped_dir() / entry.get("weights", name)
     if not folder.is_dir():
         raise PretrainedError(f"shipped optimizer {name!r}: its folder {folder} is missing")
     digest = weights_sha256(folder)
@@ -136,12 +140,16 @@ def load_pretrained(
         the decay is the index's `weight_decay_per_epoch` ÷ `steps_per_epoch`: the same
         shrinkage per pass over the data, strong on a small dataset seen many times and
         weak on a large one (docs/generalist.md); below the index's `min_steps_per_epoch`
-        (the fewest it was chosen on) the decay stays at its value there. Without it, or
+        (the fewest it was chosen on) the decay stays at its value there, and an index
+        `weight_decay_epoch_exponent` below 1 makes it fall more slowly on large datasets
+        (`per_step_decay`). Without it, or
         where the index gives no per-epoch decay, the index's fixed `weight_decay`; an
         explicit `weight_decay` wins.
 
     Returns:
-      `(tx, theta, lopt)`, as `lopt.export.load_optax`.
+      `(tx, theta, lopt)`, as `lopt.export.load_optax`; for an index entry marked
+      `orthogonalised`, `tx` is the rule with its 2-D steps orthogonalised
+      (`orthogonalised_rule`) and `lopt` the rule inside it.
 
     Raises:
       PretrainedError: for an unknown name, missing weights, a hash mismatch or an index
@@ -157,10 +165,12 @@ def load_pretrained(
     tx, theta, lopt = load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
     per_epoch = entry.get("weight_decay_per_epoch")
     if weight_decay is None and steps_per_epoch is not None and per_epoch is not None:
-        # Below the fewest steps per epoch it was chosen on, the decay stays at the largest
-        # value measured there: c / S grows without bound as S -> 1 (full batch).
-        fewest = float(entry.get("min_steps_per_epoch", 1.0))
-        weight_decay = float(per_epoch) / max(float(steps_per_epoch), fewest)
+        weight_decay = per_step_decay(
+            float(per_epoch),
+            float(steps_per_epoch),
+            fewest=float(entry.get("min_steps_per_epoch", 1.0)),
+            exponent=float(entry.get("weight_decay_epoch_exponent", 1.0)),
+        )
     if weight_decay is None:  # the index may ship the rule with a decay chosen after training
         weight_decay = entry.get("weight_decay")
     # Options chosen after meta-training (on meta-validation, like the decay): not
@@ -180,7 +190,48 @@ def load_pretrained(
 
         lopt = dataclasses.replace(lopt, **changes)  # checks their ranges
         tx = as_optax(lopt, theta, horizon)
+    if entry.get("orthogonalised"):  # shipped with its 2-D steps orthogonalised
+        if not hasattr(lopt, "weight_decay"):
+            raise PretrainedError(
+                f"shipped optimizer {name!r} ({type(lopt).__name__}) is orthogonalised but "
+                "has no weight_decay option"
+            )
+        tx = orthogonalised_rule(lopt, theta, horizon)
     return tx, theta, lopt
+
+
+def per_step_decay(
+    per_epoch: float, steps_per_epoch: float, fewest: float = 1.0, exponent: float = 1.0
+) -> float:
+    """The decoupled weight decay per step that a decay per epoch gives on a dataset of
+    `steps_per_epoch` steps per pass: `per_epoch / fewest * (fewest / S) ** exponent`, S the
+    steps per epoch held at or above `fewest`.
+
+    With `exponent` 1 it is `per_epoch / S`: the same shrinkage per pass over the data,
+    whatever the dataset's size. Below 1 the decay falls more slowly than 1 / S on large
+    datasets, so a rule that overfits in a long run on a dataset seen a few times still gets
+    decay there, while a small dataset seen many times (S = `fewest`) keeps `per_epoch /
+    fewest` (docs/generalist.md, "A decay between per step and per epoch").
+
+    Args:
+      per_epoch: the decay per pass over the data, at `fewest` steps per epoch.
+      steps_per_epoch: training steps per pass over the data (> 0).
+      fewest: the fewest steps per epoch the decay was chosen on; below it the decay stays
+        at its value there (`per_epoch / S` grows without bound as S -> 1, full batch).
+      exponent: how fast the decay falls with the steps per epoch, in (0, 1].
+
+    Returns:
+      The decay per step.
+
+    Raises:
+      ValueError: `steps_per_epoch` or `fewest` not positive, `exponent` outside (0, 1].
+    """
+    if not steps_per_epoch > 0 or not fewest > 0:
+        raise ValueError(f"steps per epoch must be > 0, got {steps_per_epoch} (fewest {fewest})")
+    if not 0.0 < exponent <= 1.0:
+        raise ValueError(f"the decay's epoch exponent must be in (0, 1], got {exponent}")
+    steps = max(float(steps_per_epoch), float(fewest))
+    return float(per_epoch) / fewest * (fewest / steps) ** exponent
 
 
 def pretrained(
@@ -302,6 +353,26 @@ def orthogonalised(
     _, theta, lopt = load_pretrained(name, num_steps, weight_decay, steps_per_epoch)
     if not hasattr(lopt, "weight_decay"):
         raise PretrainedError(f"{name!r} ({type(lopt).__name__}) has no weight_decay option")
+    return orthogonalised_rule(lopt, theta, num_steps, ns_steps)
+
+
+def orthogonalised_rule(
+    lopt: Any, theta: Any, num_steps: int, ns_steps: int = 5
+) -> optax.GradientTransformationExtraArgs:
+    """`lopt.export.as_optax(lopt, theta, num_steps)` with every 2-D step orthogonalised at
+    its own size and the rule's `weight_decay` added after (`orthogonalised`, which applies
+    it to a shipped rule; meta-validation scores a run's θ with it through
+    `evaluate.measure.valid_sweep --orthogonalised`).
+
+    Args:
+      lopt: a learned optimizer with a `weight_decay` option.
+      theta: its meta-parameters.
+      num_steps: the training horizon (>= 1).
+      ns_steps: Newton-Schulz iterations per step.
+
+    Returns:
+      A `GradientTransformationExtraArgs` that needs `params` and `loss=`.
+    """
     from lopt.export import as_optax  # noqa: PLC0415
 
     step = as_optax(dataclasses.replace(lopt, weight_decay=0.0), theta, num_steps)
@@ -334,7 +405,10 @@ def _orthogonalised_at_own_rms(ns_steps: int) -> optax.GradientTransformation:
     )
 
     def update(updates, state, params=None):
-        out, state = muon.update(updates, state, params)
+        # In float32: optax's iterations run in the update's dtype, and in float16 their
+        # epsilon (1e-8) rounds to 0, so a zero step became 0 / 0 = NaN.
+        wide = jax.tree.map(lambda u: u.astype(jnp.float32), updates)
+        out, state = muon.update(wide, state, params)
 
         def rescale(u, o):  # a zero step stays zero (its orthogonalisation is zero too)
             size = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
@@ -342,7 +416,10 @@ def _orthogonalised_at_own_rms(ns_steps: int) -> optax.GradientTransformation:
 
         return jax.tree.map(rescale, updates, out), state
 
-    return optax.GradientTransformation(muon.init, update)
+    def init(params):  # the state of float32 steps, as `update` passes them
+        return muon.init(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    return optax.GradientTransformation(init, update)
 
 
 class _DecayState(NamedTuple):

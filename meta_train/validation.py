@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ import optax
 
 from lopt.base import LearnedOptimizer
 from lopt.export import as_optax
+from lopt.hub import per_step_decay
 from meta_train.config import ConfigError
 from meta_train.jit import jit
 from tasks.epochs import steps_per_epoch
@@ -112,13 +113,20 @@ def _valid_curve(task: Any, tx: Any, num_steps: int, key: jax.Array, points: int
     return _train(task, tx, num_steps, key, max(num_steps // points, 1))["valid_curve"]
 
 
-@jit(static_argnames=("lopt", "num_steps", "points"))
+@jit(static_argnames=("lopt", "num_steps", "points", "transform"))
 def learned_curves(
-    lopt: LearnedOptimizer, theta: Any, task: Any, keys: jax.Array, num_steps: int, points: int
+    lopt: LearnedOptimizer,
+    theta: Any,
+    task: Any,
+    keys: jax.Array,
+    num_steps: int,
+    points: int,
+    transform: Callable[..., Any] = as_optax,
 ) -> jax.Array:
-    """Validation curves [seeds, evaluations] of `task` trained by `lopt(theta)`; θ is traced,
-    so new meta-parameters reuse the compilation."""
-    tx = as_optax(lopt, theta, num_steps)
+    """Validation curves [seeds, evaluations] of `task` trained by `transform(lopt, theta,
+    num_steps)` (`as_optax`: the rule itself); θ is traced, so new meta-parameters reuse the
+    compilation."""
+    tx = transform(lopt, theta, num_steps)
     return jax.vmap(lambda k: _valid_curve(task, tx, num_steps, k, points))(keys)
 
 
@@ -186,6 +194,9 @@ class MetaValidator:
         # One learned optimizer per task instead of `lopt` for all (a setting that follows
         # each task's data, `evaluate.measure.valid_sweep`'s per-epoch decay); None: `lopt`.
         self.task_lopts: list[LearnedOptimizer] | None = None
+        # How a rule becomes the optax transformation it is scored as: the rule itself, or a
+        # wrapper such as `lopt.hub.orthogonalised_rule` (`evaluate.measure.valid_sweep`).
+        self.transform: Callable[..., Any] = as_optax
         # Tasks are spread over the devices (longest horizon first to the least loaded): on
         # a CPU split into one device per core they train in parallel (1.4-1.6x faster here).
         # Their programs hold no collectives, so running at once cannot deadlock.
@@ -230,7 +241,7 @@ class MetaValidator:
         # Dispatched without waiting: the devices work at once; device_get waits for all.
         lopts = self.task_lopts or [self.lopt] * len(self.tasks)
         curves = [
-            learned_curves(lopt, on[d], t.task, k, t.horizon, self._points(t))
+            learned_curves(lopt, on[d], t.task, k, t.horizon, self._points(t), self.transform)
             for t, k, d, lopt in zip(self.tasks, self.seed_keys, self.devices, lopts, strict=True)
         ]
         final, mean, finite = _values(jax.device_get(curves))
@@ -364,11 +375,17 @@ def build_validator(run, horizon_scale: int = 1) -> MetaValidator:
 
 
 def per_epoch_decay_lopts(
-    lopt: LearnedOptimizer, tasks: Sequence[ValidTask], per_epoch: float, floor: float = 0.0
+    lopt: LearnedOptimizer,
+    tasks: Sequence[ValidTask],
+    per_epoch: float,
+    floor: float = 0.0,
+    fewest: float = 1.0,
+    exponent: float = 1.0,
 ) -> list[LearnedOptimizer]:
-    """`lopt` once per task, each with weight decay `max(per_epoch / S, floor)` per step,
-    S the task's steps per epoch (`tasks.epochs.steps_per_epoch`), as `lopt.pretrained`
-    applies the index's decay per epoch.
+    """`lopt` once per task, each with weight decay `max(per_step_decay(per_epoch, S,
+    fewest, exponent), floor)` per step (`lopt.hub.per_step_decay`; `per_epoch / S` by
+    default), S the task's steps per epoch (`tasks.epochs.steps_per_epoch`), as
+    `lopt.pretrained` applies the index's decay per epoch.
 
     Raises:
       ConfigError: `lopt` has no `weight_decay` option, or a task's steps per epoch are
@@ -382,7 +399,12 @@ def per_epoch_decay_lopts(
     steps = [steps_per_epoch(t.task) for t in tasks]
     if None in steps:
         raise ConfigError("a weight decay per epoch: a validation task of unknown steps per epoch")
-    return [dataclasses.replace(lopt, weight_decay=max(per_epoch / n, floor)) for n in steps]
+    return [
+        dataclasses.replace(
+            lopt, weight_decay=max(per_step_decay(per_epoch, n, fewest, exponent), floor)
+        )
+        for n in steps
+    ]
 
 
 def make_guard(run) -> Guard:

@@ -13,10 +13,12 @@ import lopt.hub
 from lopt import hub as shipped
 from lopt.hub import PretrainedError, describe, load_pretrained, weights_sha256
 
-# The shipped default's training checks run in the default stage, the superseded
-# optimizer's in the slow stage (loading and hashing every one stays in the default stage).
+# The generalist's training checks (plain and orthogonalised) run in the default stage, the
+# superseded optimizer's in the slow stage (loading and hashing every one stays in the
+# default stage).
+DEFAULT_STAGE = ("generalist", "generalist-ortho")
 NAMES = [
-    pytest.param(n, marks=() if n == "generalist" else pytest.mark.slow) for n in lopt.pretrained()
+    pytest.param(n, marks=() if n in DEFAULT_STAGE else pytest.mark.slow) for n in lopt.pretrained()
 ]
 
 
@@ -26,7 +28,9 @@ def test_lists_what_ships_and_every_index_hash_matches_its_weights():
     folder = shipped.shipped_dir()
     for name in names:
         # Updating shipped weights without their index entry fails here, not at a user's load.
-        assert weights_sha256(folder / name) == shipped._index()[name]["sha256"], name
+        entry = shipped._index()[name]
+        weights = folder / entry.get("weights", name)  # its own, or those it shares
+        assert weights_sha256(weights) == entry["sha256"], name
         assert (folder / name / "README.md").is_file(), f"{name} has no model card"
     assert set(describe()) == set(names)
 
@@ -250,3 +254,121 @@ def test_a_decay_per_epoch_follows_the_callers_steps_per_epoch():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="steps_per_epoch"):
             lopt.pretrained("generalist", 100, steps_per_epoch=bad)
+
+
+def test_a_decay_per_step_from_a_decay_per_epoch_and_its_exponent():
+    per_step = lopt.hub.per_step_decay
+    # exponent 1: the same decay per pass over the data, whatever its size
+    assert per_step(0.45, 420.0) == pytest.approx(0.45 / 420.0)
+    assert per_step(0.45, 420.0, fewest=28.0) == pytest.approx(0.45 / 420.0)
+    assert per_step(0.45, 10.0, fewest=28.0) == pytest.approx(0.45 / 28.0)  # held below
+    # below 1 it falls more slowly with the data's size, from the same value at `fewest`
+    assert per_step(0.45, 28.0, fewest=28.0, exponent=0.5) == pytest.approx(0.45 / 28.0)
+    half = per_step(0.45, 28.0 * 16, fewest=28.0, exponent=0.5)
+    assert half == pytest.approx(0.45 / 28.0 / 4.0)  # sqrt(16)
+    assert half > per_step(0.45, 28.0 * 16, fewest=28.0)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="exponent"):
+            per_step(0.45, 100.0, fewest=28.0, exponent=bad)
+    for steps, fewest in ((0.0, 1.0), (-1.0, 1.0), (float("nan"), 1.0), (10.0, 0.0)):
+        with pytest.raises(ValueError, match="steps per epoch"):
+            per_step(0.45, steps, fewest=fewest)
+
+
+def _mixed_tree():
+    """A user's tree: a 4-D conv kernel, float16 and bfloat16 matrices, a scalar and an
+    integer counter, beside a flax linen, a flax nnx and a haiku model's params."""
+    import jax  # noqa: PLC0415
+    from lopt_cases import MODEL_TREES  # noqa: PLC0415
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {
+        "conv": jax.random.normal(keys[0], (3, 3, 2, 4)) / 4.0,
+        "half": (jax.random.normal(keys[1], (6, 5)) / 3.0).astype(jnp.float16),
+        "brain": (jax.random.normal(keys[2], (5, 6)) / 3.0).astype(jnp.bfloat16),
+        "scale": jnp.float32(0.5),
+        "count": jnp.int32(7),
+        "models": [make() for make in MODEL_TREES],
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_float_pytree_gets_finite_updates_of_its_dtypes_at_any_gradient_scale(name):
+    import jax  # noqa: PLC0415
+
+    params = _mixed_tree()
+    tx = lopt.pretrained(name, num_steps=10)
+    leaves, treedef = jax.tree.flatten(params)
+
+    @jax.jit
+    def step(p, s, scale, seed):
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+        grads = [
+            (scale * jax.random.normal(k, jnp.shape(x))).astype(jnp.asarray(x).dtype)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            else jnp.zeros_like(x)
+            for k, x in zip(keys, jax.tree.leaves(p), strict=True)
+        ]
+        u, s = tx.update(jax.tree.unflatten(treedef, grads), s, p, loss=jnp.float32(1.0))
+        return optax.apply_updates(p, u), s, u
+
+    for scale in (1e-8, 1.0, 1e8):
+        p, s = params, tx.init(params)
+        for seed in range(3):
+            p, s, u = step(p, s, jnp.float32(scale), seed)
+            for x, y in zip(jax.tree.leaves(u), leaves, strict=True):
+                y = jnp.asarray(y)
+                assert x.shape == y.shape and x.dtype == y.dtype, (name, scale)
+                assert np.all(np.isfinite(np.asarray(x, np.float64))), (name, scale, seed)
+        assert int(p["count"]) == 7  # integer leaves are left alone
+        # the state keeps its dtypes, as a lax.scan carry must
+        init = tx.init(params)
+        assert jax.tree.structure(s) == jax.tree.structure(init)
+        for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(init), strict=True):
+            assert jnp.asarray(a).dtype == jnp.asarray(b).dtype, name
+
+
+def test_an_orthogonalised_entry_is_the_shared_weights_orthogonalised_with_its_own_decay():
+    import jax  # noqa: PLC0415
+
+    index = shipped._index()
+    entry = index["generalist-ortho"]
+    assert entry["orthogonalised"] and entry["weights"] == "generalist"
+    assert entry["sha256"] == index["generalist"]["sha256"]
+    # its decay per epoch falls as S^-exponent from its value at the fewest steps per epoch
+    for steps in (28.0, 420.0, 1700.0):
+        _, _, rule = load_pretrained("generalist-ortho", 100, steps_per_epoch=steps)
+        expected = lopt.hub.per_step_decay(
+            entry["weight_decay_per_epoch"],
+            steps,
+            entry["min_steps_per_epoch"],
+            entry["weight_decay_epoch_exponent"],
+        )
+        assert rule.weight_decay == pytest.approx(expected)
+    assert entry["weight_decay_epoch_exponent"] < 1.0
+    assert rule.weight_decay > entry["weight_decay_per_epoch"] / 1700.0
+    # the same transformation as orthogonalising the generalist with the same settings
+    params, loss_fn = _regression(1.0)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+
+    def first_update(tx):
+        return jax.jit(lambda g, p: tx.update(g, tx.init(p), p, loss=loss)[0])(grads, params)
+
+    shipped_tx = lopt.pretrained("generalist-ortho", 100, weight_decay=1e-2)
+    by_hand = lopt.hub.orthogonalised("generalist", 100, weight_decay=1e-2)
+    plain = lopt.pretrained("generalist", 100, weight_decay=1e-2)
+    a, b, c = first_update(shipped_tx), first_update(by_hand), first_update(plain)
+    for key in params:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    assert not np.allclose(np.asarray(a["w1"]), np.asarray(c["w1"]))
+
+
+def test_an_entry_sharing_missing_weights_fails_clearly(tmp_path, monkeypatch):
+    copy = tmp_path / "checkpoints"
+    copy.mkdir()
+    entry = {**shipped._index()["generalist-ortho"], "weights": "gone"}
+    (copy / "shipped.json").write_text(json.dumps({"generalist-ortho": entry}))
+    monkeypatch.setattr(shipped, "_WHEEL_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(shipped, "_REPO_DIR", copy)
+    with pytest.raises(PretrainedError, match="missing"):
+        lopt.pretrained("generalist-ortho")

@@ -62,6 +62,24 @@ def test_sweeps_an_option_on_the_shipped_checkpoints_validation_tasks(tmp_path):
     (floor_row,) = json.loads(floor.read_text())
     assert floor_row["score"] == rows[1]["score"]
 
+    # How fast the decay per epoch falls with the data's size: exponent 1 is the decay per
+    # epoch itself (the second per-epoch row); 0.5 from an anchor below every task's steps
+    # per epoch decays more, another score.
+    exponent = tmp_path / "exponent.json"
+    args = ["--option", "weight_decay_epoch_exponent", "--values", "1", "0.5"]
+    args += ["--per-epoch-decay", "0.3", "--min-steps-per-epoch", "2", "--seeds", "1"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--out", str(exponent)])
+    exp_rows = json.loads(exponent.read_text())
+    assert exp_rows[0]["score"] == epoch_rows[1]["score"]
+    assert exp_rows[1]["score"] != exp_rows[0]["score"]
+
+    # Scored orthogonalised (lopt.hub.orthogonalised_rule): the same decay, another rule.
+    ortho = tmp_path / "ortho.json"
+    args = ["--option", "weight_decay", "--values", "1e-2", "--orthogonalised", "--seeds", "1"]
+    valid_sweep.main(["checkpoints/mnist1d-mlp-pes", *args, "--out", str(ortho)])
+    (ortho_row,) = json.loads(ortho.read_text())
+    assert ortho_row["score"] != rows[1]["score"] and 0 < ortho_row["score"] < 10
+
     # Another option held with --set while one is swept: the same decay of 1e-2, set there.
     held_set = tmp_path / "held_set.json"
     args = ["--option", "width_scale_max", "--values", "0", "--set", "weight_decay=1e-2"]
@@ -97,6 +115,10 @@ def test_an_unknown_option_or_folder_is_a_user_error(capsys):
     assert "sweep one of them" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_per_epoch", "--values", "1"]
         + ["--per-epoch-decay", "0.3"]
+    )
+    assert "needs --per-epoch-decay" in error(
+        ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_epoch_exponent"]
+        + ["--values", "0.5"]
     )
     assert "needs --per-epoch-decay" in error(
         ["checkpoints/mnist1d-mlp-pes", "--option", "weight_decay_floor", "--values", "1e-3"]

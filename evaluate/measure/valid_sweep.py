@@ -15,7 +15,11 @@ trains with `weight_decay = value / steps_per_epoch_i` (`tasks.epochs`), the rul
 `lopt.pretrained(..., steps_per_epoch=)` applies with the index's `weight_decay_per_epoch`.
 `--per-epoch-decay C` holds that decay at C while another option is swept;
 `--option weight_decay_floor` sweeps a least decay per step under it (each task trains with
-`max(C / steps_per_epoch_i, value)`). `--set OPTION=VALUE` holds any other option (the
+`max(C / steps_per_epoch_i, value)`). `--option weight_decay_epoch_exponent` sweeps how fast
+that decay falls with the data's size (`lopt.hub.per_step_decay`: `C / F * (F /
+steps_per_epoch_i) ** value`, F from `--min-steps-per-epoch`, the index's
+`min_steps_per_epoch`). `--orthogonalised` scores the rule as `lopt.hub.orthogonalised`
+wraps it. `--set OPTION=VALUE` holds any other option (the
 shipped index's `options`, say) while one is swept.
 `--horizon-scale K` trains the same tasks and seeds K times longer than the run validated
 them: a setting such as the decay can look neutral at meta-training's episode lengths and
@@ -42,6 +46,8 @@ PER_EPOCH = "weight_decay_per_epoch"
 """The option name of a weight decay per pass over each task's data."""
 FLOOR = "weight_decay_floor"
 """The option name of a least decay per step under the decay per epoch."""
+EXPONENT = "weight_decay_epoch_exponent"
+"""The option name of how fast the decay per epoch falls with the steps per epoch."""
 
 
 def sweep(
@@ -53,6 +59,8 @@ def sweep(
     horizon_scale: int = 1,
     held: dict[str, float] | None = None,
     num_tasks: int | None = None,
+    fewest: float = 1.0,
+    orthogonalised: bool = False,
 ) -> list[dict]:
     """Meta-validation scores of the checkpoint's θ with `option` set to each value.
 
@@ -68,6 +76,10 @@ def sweep(
         say), so a setting is chosen with the ones already chosen in place.
       num_tasks: validation tasks to score on (None: the run's `valid.num_tasks`). More
         tasks of the same held-out stream make a choice less hostage to which few were drawn.
+      fewest: the steps per epoch below which a decay per epoch stays at its value there,
+        and the anchor of `EXPONENT` (the index's `min_steps_per_epoch`).
+      orthogonalised: score the rule with its 2-D steps orthogonalised at their own size
+        (`lopt.hub.orthogonalised_rule`, what `lopt.hub.orthogonalised` ships).
 
     Returns:
       One row per value: the value, `score` and the per-task ratios.
@@ -91,11 +103,14 @@ def sweep(
     run = build_run(config)
     per_epoch = option == PER_EPOCH
     floor = option == FLOOR
+    exponent = option == EXPONENT
     if per_epoch and per_epoch_decay is not None:
         raise UserError(f"--per-epoch-decay with --option {PER_EPOCH}: sweep one of them")
-    if floor and per_epoch_decay is None:
-        raise UserError(f"--option {FLOOR} needs --per-epoch-decay C: the decay it bounds")
-    field = "weight_decay" if per_epoch or floor else option
+    if (floor or exponent) and per_epoch_decay is None:
+        raise UserError(f"--option {option} needs --per-epoch-decay C: the decay it shapes")
+    if not fewest > 0:
+        raise UserError(f"--min-steps-per-epoch must be > 0, got {fewest}")
+    field = "weight_decay" if per_epoch or floor or exponent else option
     held = dict(held or {})
     if "weight_decay" in held and (per_epoch or per_epoch_decay is not None):
         raise UserError("--set weight_decay with a decay per epoch: each task's decay is set")
@@ -107,18 +122,24 @@ def sweep(
         run.lopt = dataclasses.replace(run.lopt, **held)
     per_task = per_epoch or per_epoch_decay is not None
     validator = build_validator(run, horizon_scale)
+    if orthogonalised:
+        from lopt.hub import orthogonalised_rule  # noqa: PLC0415
+
+        validator.transform = orthogonalised_rule
     task_steps = [steps_per_epoch(t.task) for t in validator.tasks] if per_task else []
     horizons = [t.horizon for t in validator.tasks]
     rows = []
     for value in values:
         if per_task:  # each task its own decay: the swept one, or the one held
             decay = value if per_epoch else per_epoch_decay
-            swept = {} if per_epoch or floor else {option: value}
+            swept = {} if per_epoch or floor or exponent else {option: value}
             validator.task_lopts = per_epoch_decay_lopts(
                 dataclasses.replace(run.lopt, **swept),
                 validator.tasks,
                 decay,
                 floor=value if floor else 0.0,
+                fewest=fewest,
+                exponent=value if exponent else 1.0,
             )
         else:  # one rule for all (a run's valid.weight_decay_per_epoch is not applied)
             validator.task_lopts = None
@@ -159,6 +180,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"swept (as lopt.pretrained does with the index's {PER_EPOCH})",
     )
     p.add_argument(
+        "--min-steps-per-epoch",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="a decay per epoch stays at its value at F steps per epoch below F, and "
+        f"--option {EXPONENT} anchors there (the index's min_steps_per_epoch; 1)",
+    )
+    p.add_argument(
         "--horizon-scale",
         type=int,
         default=1,
@@ -172,6 +201,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="OPTION=VALUE",
         help="hold another option at a value throughout (repeatable), e.g. the shipped "
         "index's options: --set width_scale_max=3",
+    )
+    p.add_argument(
+        "--orthogonalised",
+        action="store_true",
+        help="score the rule with its 2-D steps orthogonalised at their own size "
+        "(lopt.hub.orthogonalised)",
     )
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -192,6 +227,8 @@ def _main(args: argparse.Namespace) -> int:
         args.horizon_scale,
         _held(args.set),
         args.num_tasks,
+        args.min_steps_per_epoch,
+        args.orthogonalised,
     )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
