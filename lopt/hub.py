@@ -2,7 +2,7 @@
 
     import lopt
     lopt.pretrained()                                   # the names of what ships
-    tx = lopt.pretrained("generalist", num_steps=5000)  # an optax transformation
+    tx = lopt.pretrained("generalist-ortho", num_steps=5000)  # an optax transformation
 
 Shipped optimizers live in the repository's `checkpoints/` (one folder per name: the orbax
 checkpoint, a model card `README.md`, tables and curves). `checkpoints/shipped.json` lists
