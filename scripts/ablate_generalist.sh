@@ -14,6 +14,8 @@ declare -A ABLATIONS=(
   [pes]="meta.estimator='pes'"
   [no_augment]="task_family.reparam_scale=[] task_family.loss_scale=[] task_family.label_noise=0.0"
   [mlp_only]="task_family.kinds=['mlp']"
+  [short_horizons]="meta.min_episode_len=100 meta.max_episode_len=500"
+  [long_horizons]="meta.min_episode_len=400 meta.max_episode_len=2000"
 )
 name=$1
 stop=${2:-1500}
