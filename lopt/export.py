@@ -136,6 +136,27 @@ def scale_by_learned(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def load_rule(checkpoint_dir: str, step: int | str | None = None) -> tuple[Any, Any, dict]:
+    """The learned optimizer and meta-parameters saved in a checkpoint directory, without
+    an optax wrapper (`load_optax` adds it).
+
+    Args:
+      checkpoint_dir: the run's checkpoint directory (holds orbax steps and the config).
+      step: which saved outer step, as in `load_optax`.
+
+    Returns:
+      `(lopt, theta, config)`: the optimizer as the run's config builds it, its
+      meta-parameters as arrays, and the run's config.
+    """
+    from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
+    from lopt.registry import make_lopt  # noqa: PLC0415
+
+    theta, config = load_theta(checkpoint_dir, step=step)
+    lopt_cfg = dict(config["lopt"])
+    lopt = make_lopt(lopt_cfg.pop("kind"), **lopt_cfg)
+    return lopt, jax.tree.map(jax.numpy.asarray, theta), config
+
+
 def load_optax(checkpoint_dir: str, num_steps: int | None = None, step: int | str | None = None):
     """Loads an exported learned optimizer from a meta-training checkpoint directory alone.
 
@@ -149,16 +170,9 @@ def load_optax(checkpoint_dir: str, num_steps: int | None = None, step: int | st
     Returns:
       `(tx, theta, lopt)`: the optax transformation, its meta-parameters and the optimizer.
     """
-    from lopt.checkpoint import load_theta  # noqa: PLC0415 - orbax is heavy
-
-    theta, config = load_theta(checkpoint_dir, step=step)
-    from lopt.registry import make_lopt  # noqa: PLC0415
-
-    lopt_cfg = dict(config["lopt"])
-    lopt = make_lopt(lopt_cfg.pop("kind"), **lopt_cfg)
+    lopt, theta, config = load_rule(checkpoint_dir, step)
     if num_steps is None:
         num_steps = int(config["meta"]["max_episode_len"])
-    theta = jax.tree.map(jax.numpy.asarray, theta)
     return as_optax(lopt, theta, num_steps), theta, lopt
 
 

@@ -159,10 +159,10 @@ def load_pretrained(
     if steps_per_epoch is not None and not steps_per_epoch > 0:
         raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
     folder, entry = verified_folder(name)
-    from lopt.export import load_optax  # noqa: PLC0415 - orbax is heavy
+    from lopt.export import as_optax, load_rule  # noqa: PLC0415 - orbax is heavy
 
     horizon = int(entry["num_steps"]) if num_steps is None else num_steps
-    tx, theta, lopt = load_optax(str(folder), num_steps=horizon, step=entry.get("step"))
+    lopt, theta, _ = load_rule(str(folder), step=entry.get("step"))
     per_epoch = entry.get("weight_decay_per_epoch")
     if weight_decay is None and steps_per_epoch is not None and per_epoch is not None:
         weight_decay = per_step_decay(
@@ -186,18 +186,13 @@ def load_pretrained(
                 f"shipped optimizer {name!r} ({type(lopt).__name__}) has no option(s) "
                 f"{', '.join(unknown)}"
             )
-        from lopt.export import as_optax  # noqa: PLC0415
-
         lopt = dataclasses.replace(lopt, **changes)  # checks their ranges
-        tx = as_optax(lopt, theta, horizon)
-    if entry.get("orthogonalised"):  # shipped with its 2-D steps orthogonalised
-        if not hasattr(lopt, "weight_decay"):
-            raise PretrainedError(
-                f"shipped optimizer {name!r} ({type(lopt).__name__}) is orthogonalised but "
-                "has no weight_decay option"
-            )
-        tx = orthogonalised_rule(lopt, theta, horizon)
-    return tx, theta, lopt
+    if not entry.get("orthogonalised"):
+        return as_optax(lopt, theta, horizon), theta, lopt
+    try:  # shipped with its 2-D steps orthogonalised
+        return orthogonalised_rule(lopt, theta, horizon), theta, lopt
+    except TypeError as e:
+        raise PretrainedError(f"shipped optimizer {name!r}: {e}") from e
 
 
 def per_step_decay(
@@ -351,9 +346,10 @@ def orthogonalised(
       `pretrained(name)`.
     """
     _, theta, lopt = load_pretrained(name, num_steps, weight_decay, steps_per_epoch)
-    if not hasattr(lopt, "weight_decay"):
-        raise PretrainedError(f"{name!r} ({type(lopt).__name__}) has no weight_decay option")
-    return orthogonalised_rule(lopt, theta, num_steps, ns_steps)
+    try:
+        return orthogonalised_rule(lopt, theta, num_steps, ns_steps)
+    except TypeError as e:
+        raise PretrainedError(f"{name!r}: {e}") from e
 
 
 def orthogonalised_rule(
@@ -372,8 +368,17 @@ def orthogonalised_rule(
 
     Returns:
       A `GradientTransformationExtraArgs` that needs `params` and `loss=`.
+
+    Raises:
+      TypeError: `lopt` has no `weight_decay` option.
     """
     from lopt.export import as_optax  # noqa: PLC0415
+
+    if not hasattr(lopt, "weight_decay"):
+        raise TypeError(
+            f"{type(lopt).__name__} has no weight_decay option, so its decay cannot be kept "
+            "out of the orthogonalisation"
+        )
 
     step = as_optax(dataclasses.replace(lopt, weight_decay=0.0), theta, num_steps)
     shaped = optax.multi_transform(

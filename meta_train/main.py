@@ -151,11 +151,14 @@ class _Validation:
     """Meta-validation inside the training loop: scores, logs, the guard and the best-step
     marker (`best.json`), restored from that marker on resume."""
 
-    def __init__(self, run: Run, ckpt: Checkpointer, logger: RunLogger, bar, start: int):
+    def __init__(
+        self, run: Run, ckpt: Checkpointer, logger: RunLogger, bar, start: int, resumed: bool
+    ):
         self.ckpt, self.logger, self.bar = ckpt, logger, bar
         self.metric = run.config.valid.metric
         self.guard: Guard = make_guard(run)
-        saved = read_best(ckpt.directory) if start > 0 else None
+        # A run resumed at step 0 (stopped before its second save) has a marker too.
+        saved = read_best(ckpt.directory) if resumed else None
         # Records after the resumed step are redone (validation is deterministic).
         self.history = [r for r in (saved or {}).get("history", []) if r["step"] <= start]
         self.guard.replay(self.history)
@@ -317,14 +320,18 @@ def _meta_train(run: Run, resume: Resume, stream) -> tuple[Any, dict, RunLogger]
     metrics: dict = {}
     failed = True
     try:
-        validation = _Validation(run, ckpt, logger, bar, start) if cfg.valid.every else None
+        resumed = latest is not None
+        validation = (
+            _Validation(run, ckpt, logger, bar, start, resumed) if cfg.valid.every else None
+        )
         if validation is not None:
             state = state.replace(lr_scale=jnp.asarray(validation.guard.lr_scale, jnp.float32))
             # The starting point is the first candidate for the best; a resumed run also
-            # redoes a due validation that a crash after its checkpoint left unrecorded.
+            # redoes a due validation that a crash after its checkpoint left unrecorded
+            # (its step is saved already: checkpoints are never overwritten).
             due = start % cfg.valid.every == 0 or start == total
-            if start == 0 or (due and start not in validation.steps()):
-                if validation.run(start, state) and start == 0:
+            if not resumed or (due and start not in validation.steps()):
+                if validation.run(start, state) and not resumed:
                     ckpt.save(0, state.theta, state.replace(theta=()), cfg.to_dict())
                 validation.mark()
         t_log, logged_at = time.perf_counter(), start

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import lopt
+from lopt.hub import verified_folder
 
 root = Path(sys.argv[1]).resolve()
 where = Path(lopt.__file__).resolve()
@@ -32,6 +33,8 @@ for name in names:
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     updates, _ = tx.update(params, tx.init(params), params, loss=jnp.float32(1.0))
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in updates.values()), name
-    print(f"[wheel] {name}: loads from {where.parent / 'shipped' / name}, finite update")
+    folder, _ = verified_folder(name)  # the weights' folder: an entry may share another's
+    assert where.parent in folder.parents, f"{name}'s weights are not the wheel's: {folder}"
+    print(f"[wheel] {name}: loads from {folder}, finite update")
 print(f"[wheel] {len(names)} shipped optimizer(s) load from the installed wheel")
 PY

@@ -372,3 +372,26 @@ def test_an_entry_sharing_missing_weights_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(shipped, "_REPO_DIR", copy)
     with pytest.raises(PretrainedError, match="missing"):
         lopt.pretrained("generalist-ortho")
+
+
+def test_a_rule_without_weight_decay_cannot_be_orthogonalised(tmp_path, monkeypatch):
+    import jax  # noqa: PLC0415
+
+    import lopt.export  # noqa: PLC0415
+    from lopt.registry import make_lopt  # noqa: PLC0415
+
+    adafac = make_lopt("adafac")
+    theta = adafac.init_meta(jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match="AdaFacLOpt has no weight_decay"):
+        shipped.orthogonalised_rule(adafac, theta, 10)
+    # An index entry marked orthogonalised whose weights load as such a rule.
+    keep = ("description", "weights", "orthogonalised", "num_steps", "step", "sha256")
+    entry = {k: v for k, v in shipped._index()["generalist-ortho"].items() if k in keep}
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(shipped.shipped_dir() / "generalist", copy / "generalist")
+    (copy / "shipped.json").write_text(json.dumps({"generalist-ortho": entry}))
+    monkeypatch.setattr(shipped, "_WHEEL_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(shipped, "_REPO_DIR", copy)
+    monkeypatch.setattr(lopt.export, "load_rule", lambda folder, step: (adafac, theta, {}))
+    with pytest.raises(PretrainedError, match="'generalist-ortho': AdaFacLOpt has no weight"):
+        lopt.pretrained("generalist-ortho")

@@ -155,6 +155,40 @@ def test_best_checkpoint_survives_rotation_and_resume(tmp_path):
     assert len(scores) == 5
 
 
+@pytest.mark.slow  # ~15 s: three runs
+def test_a_run_stopped_before_its_second_save_resumes_from_step_0(tmp_path):
+    import shutil  # noqa: PLC0415
+
+    common = ["valid.every=2", "run.checkpoint_every=2", "meta.outer_steps=4"]
+    straight, _ = meta_train(build_run(_config(tmp_path / "a", *common)))
+
+    stopped = build_run(_config(tmp_path / "b", *common))
+
+    def killed(state, step):  # the process dies in its first outer step
+        raise KeyboardInterrupt
+
+    stopped.outer_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(stopped)
+    ckpt = tmp_path / "b" / "checkpoints"
+    assert saved_steps(str(ckpt)) == [0]
+    assert [r["step"] for r in read_best(str(ckpt))["history"]] == [0]
+    # The same folder without its marker: a crash between the save of step 0 and the marker.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    (tmp_path / "c" / "checkpoints" / "best.json").unlink()
+
+    for name in ("b", "c"):
+        resumed, _ = meta_train(build_run(_config(tmp_path / name, *common)), resume=True)
+        np.testing.assert_array_equal(
+            jax.flatten_util.ravel_pytree(straight.theta)[0],
+            jax.flatten_util.ravel_pytree(resumed.theta)[0],
+        )
+        assert read_best(str(tmp_path / name / "checkpoints")) == read_best(
+            str(tmp_path / "a" / "checkpoints")
+        ), name
+        assert saved_steps(str(tmp_path / name / "checkpoints")) == [0, 2, 4], name
+
+
 # ~20 s: the slow stage (the guard's logic is checked above, its lower_lr action end to end
 # below; this is the 'stop' action end to end)
 @pytest.mark.slow
