@@ -14,7 +14,7 @@ from lopt.base import LearnedOptimizer
 from lopt.checkpoint import load_theta
 from lopt.hub import PretrainedError, verified_folder
 from lopt.registry import make_lopt
-from meta_train.checkpoint import _normalise
+from meta_train.checkpoint import as_saved
 from meta_train.config import Config, ConfigError
 from meta_train.devices import (
     estimator_shardings,
@@ -94,7 +94,7 @@ def initial_theta(init_from: str, lopt_config: dict, fresh):
     differ = sorted(
         k
         for k in set(saved_lopt) & set(lopt_config)
-        if _normalise(saved_lopt[k]) != _normalise(lopt_config[k])
+        if as_saved(saved_lopt[k]) != as_saved(lopt_config[k])
     )
     shown = ", ".join(
         f"{k}: {saved_lopt.get(k)!r} there, {lopt_config.get(k)!r} here" for k in differ

@@ -83,6 +83,7 @@ __all__ = [
     "ConfigMismatchError",
     "NonFiniteThetaError",
     "Step",
+    "as_saved",
     "check_compatible",
     "describe_directory",
     "load_theta",
@@ -433,12 +434,20 @@ def _flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, An
     return flat
 
 
-def _normalise(value: Any) -> Any:
-    # JSON turns tuples into lists; a restored config must equal the tuple-valued original.
+def as_saved(value: Any) -> Any:
+    """A config value as it reads back from a saved config: JSON turns tuples into lists, so
+    a restored config equals the tuple-valued original only once both are normalised.
+
+    Args:
+      value: a config value (nested lists, tuples and mappings allowed).
+
+    Returns:
+      The value with every tuple a list.
+    """
     if isinstance(value, list | tuple):
-        return [_normalise(v) for v in value]
+        return [as_saved(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _normalise(v) for k, v in value.items()}
+        return {k: as_saved(v) for k, v in value.items()}
     return value
 
 
@@ -487,7 +496,7 @@ def check_compatible(saved: dict, current: dict) -> None:
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if a is _MISSING and key in defaults and b is not _MISSING:
             a = defaults[key]
-        same = a is not _MISSING and b is not _MISSING and _normalise(a) == _normalise(b)
+        same = a is not _MISSING and b is not _MISSING and as_saved(a) == as_saved(b)
         if not same and not _is_mutable(key):
             differences.append((key, a, b))
     if differences:

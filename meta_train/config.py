@@ -143,8 +143,10 @@ _lopt_kinds = _names("lopt.registry", "LOPTS", sort=True)
 _step_schedules = _names("lopt.base", "STEP_SCHEDULES")
 _datasets = _names("tasks.datasets", "DATASETS")
 _kinds = _names("tasks.family", "KINDS")
-_valid_metrics = _names("meta_train.validation", "METRICS")
-_guard_actions = _names("meta_train.validation", "GUARD_ACTIONS")
+# Meta-validation's own names live here, not in the jax-heavy `meta_train.validation`
+# (which imports this module: a lazy lookup there was circular when it was imported first).
+VALID_METRICS = ("final", "mean")
+GUARD_ACTIONS = ("warn", "lower_lr", "stop")
 _lm_models = _names("tasks.language", "MODELS")
 _activations = _names("tasks.classification", "ACTIVATIONS", sort=True)
 
@@ -249,10 +251,10 @@ RULES: dict[str, dict[str, Rule | OneOf | Items]] = {
         "num_seeds": int_at_least(1),
         "points": int_at_least(1),
         "adam_lr": POSITIVE,
-        "metric": OneOf(_valid_metrics),
+        "metric": OneOf(lambda: VALID_METRICS),
         "guard_margin": Rule("a finite number >= 0", lambda v: _finite(v) and v >= 0),
         "guard_patience": int_at_least(1),
-        "guard_action": OneOf(_guard_actions),
+        "guard_action": OneOf(lambda: GUARD_ACTIONS),
         "guard_lr_factor": Rule("a number in (0, 1)", lambda v: _finite(v) and 0 < v < 1),
         "weight_decay_per_epoch": Rule(
             "a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0

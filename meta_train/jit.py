@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from tasks.caches import cache_dir
+
 CPU_COMPILER_OPTIONS = {
     "xla_backend_optimization_level": 1,
     # One device's kernels stay on its thread; with one device per core
@@ -110,8 +112,7 @@ def use_compile_cache() -> Path | None:
     if setting:
         folder = Path(setting).expanduser()
     else:
-        root = os.environ.get("LOPT_CACHE_DIR")
-        folder = (Path(root) if root else Path.home() / ".cache" / "lopt") / "jax"
+        folder = cache_dir("jax")
     try:  # JAX would warn at every compilation instead: one line here, and the run goes on
         folder.mkdir(parents=True, exist_ok=True)
         writable = os.access(folder, os.W_OK)

@@ -34,12 +34,11 @@ import optax
 from lopt.base import LearnedOptimizer
 from lopt.export import as_optax
 from lopt.hub import per_step_decay
-from meta_train.config import ConfigError
+from meta_train.config import GUARD_ACTIONS, VALID_METRICS, ConfigError
 from meta_train.jit import jit
 from tasks.epochs import steps_per_epoch
 
-METRICS = ("final", "mean")
-GUARD_ACTIONS = ("warn", "lower_lr", "stop")
+METRICS = VALID_METRICS
 # Sub-stream of the run's held-out stream: validation tasks are never the evaluation's.
 VALID_STREAM = 7
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks import caches
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "mnist1d")
 
 # Module-level so that tests can point it elsewhere and never read the real system files.
@@ -535,8 +537,7 @@ def _preprocess(
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get("LOPT_CACHE_DIR")  # the root of every cache, as for bench/ and jax/
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "lopt") / "datasets"
+    return caches.cache_dir("datasets")
 
 
 def _read_cache(path: Path, meta: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:

@@ -9,7 +9,10 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The packages `lopt` must never import: it is what users install to load an optimizer.
@@ -90,3 +93,20 @@ def test_python_m_evaluate_bench_still_runs():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("usage: python -m evaluate.bench ")
+
+
+@pytest.mark.slow  # ~2 minutes: a fresh interpreter per module
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Import order never matters: each module of the project, imported before anything else
+    (as a user's script or a worker may), imports without a circular-import error."""
+    modules = sorted(
+        ".".join(f.relative_to(ROOT).with_suffix("").parts)
+        for package in ("lopt", "meta_train", "tasks", "evaluate")
+        for f in (ROOT / package).rglob("*.py")
+        if f.name != "__main__.py"
+    )
+    modules = [m.removesuffix(".__init__") for m in modules]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda m: (m, _run(f"import {m}")), modules))
+    failed = {m: r.stderr.strip().splitlines()[-1] for m, r in results if r.returncode != 0}
+    assert not failed, failed

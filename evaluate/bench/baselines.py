@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import optax
 
+from tasks.caches import cache_dir
+
 # Bump when anything that changes the baselines' numbers changes (training loop, metrics,
 # seeds): every cached entry then misses.
 BASELINE_VERSION = 1
@@ -156,8 +158,7 @@ def cache_key(
 
 def default_cache_dir() -> Path:
     """`LOPT_CACHE_DIR/bench`, else `~/.cache/lopt/bench`."""
-    root = os.environ.get("LOPT_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "lopt") / "bench"
+    return cache_dir("bench")
 
 
 def file_name(name: str) -> str:
