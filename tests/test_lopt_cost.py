@@ -43,6 +43,11 @@ def test_variant_specs_parse_and_bad_ones_fail():
         {"hidden_size": 8, "feature_norm": False, "step_schedule": "cosine"},
     )
     assert parse_variant("plain=adafac") == ("plain", "adafac", {})
+    assert parse_variant("m2=mlp:momentum_decays=[0.9,0.99],hidden_layers=1") == (
+        "m2",
+        "mlp",
+        {"momentum_decays": [0.9, 0.99], "hidden_layers": 1},
+    )
     for bad in ("mlp", "=mlp", "x=mlp:hidden_size"):
         with pytest.raises(ValueError, match="--lopt"):
             parse_variant(bad)

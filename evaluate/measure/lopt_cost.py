@@ -157,7 +157,8 @@ def _time_calls(step, grads, state, params, loss, calls: int) -> tuple[float, An
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """`NAME=KIND:KEY=VALUE,KEY=VALUE` → (name, kind, options); values are TOML."""
+    """`NAME=KIND:KEY=VALUE,KEY=VALUE` → (name, kind, options); values are TOML (a list's
+    commas inside its brackets: `momentum_decays=[0.9,0.99]`)."""
     import tomllib  # noqa: PLC0415
 
     name, sep, rest = spec.partition("=")
@@ -165,7 +166,7 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     if not sep or not name or not kind:
         raise ValueError(f"--lopt {spec!r}: expected NAME=KIND[:KEY=VALUE,...]")
     options = {}
-    for item in filter(None, opts.split(",")):
+    for item in filter(None, _top_level_items(opts)):
         key, eq, raw = item.partition("=")
         if not eq:
             raise ValueError(f"--lopt {spec!r}: option {item!r} is not KEY=VALUE")
@@ -174,6 +175,17 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             options[key] = raw
     return name, kind, options
+
+
+def _top_level_items(text: str) -> list[str]:
+    """`text` split at the commas outside brackets: a TOML list value keeps its commas."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
 
 
 def measure(
