@@ -36,8 +36,12 @@ def _expected_count(hidden: int, layers: int, decays: int) -> int:
 def test_meta_parameter_count_matches_the_formula_and_the_readme():
     theta = MLPLOpt().init_meta(jax.random.PRNGKey(0))
     n = sum(x.size for x in jax.tree.leaves(theta))
-    assert n == _expected_count(4, 2, 4) == 114  # the default 4x2 (docs/optimizers.md)
-    first_slice = MLPLOpt(hidden_size=32).init_meta(jax.random.PRNGKey(0))
+    # the default 4x2 with two momenta (docs/optimizers.md, "Momenta")
+    assert n == _expected_count(4, 2, 2) == 98
+    four = (0.5, 0.9, 0.99, 0.999)  # LOLv2's, the generalist's
+    generalist = MLPLOpt(momentum_decays=four).init_meta(jax.random.PRNGKey(0))
+    assert sum(x.size for x in jax.tree.leaves(generalist)) == _expected_count(4, 2, 4) == 114
+    first_slice = MLPLOpt(hidden_size=32, momentum_decays=four).init_meta(jax.random.PRNGKey(0))
     # the shipped mnist1d-mlp-pes's figure in checkpoints/README.md
     assert sum(x.size for x in jax.tree.leaves(first_slice)) == _expected_count(32, 2, 4) == 1794
     other = MLPLOpt(hidden_size=8, hidden_layers=3, momentum_decays=(0.5, 0.9))

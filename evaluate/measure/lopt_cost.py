@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from lopt.common import EPS, moment_features
+from lopt.mlp_lopt import MLPLOpt
 
 # Update-time targets relative to Adam (issue 11); kinds not listed have none.
 TARGETS = {"mlp": 3.0, "adafac": 3.0, "hierarchical": 4.0}
@@ -102,7 +103,7 @@ _COMPILER_LABELS = {
 }
 
 
-def state_floor(decays=(0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999):
+def state_floor(decays=MLPLOpt.momentum_decays, rms_decay: float = MLPLOpt.rms_decay):
     """The per-parameter MLP's accumulator update alone, as an optax transformation.
 
     Args:

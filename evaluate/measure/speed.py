@@ -53,6 +53,7 @@ REFERENCE = [
     "task_family.grayscale=true",
     "lopt.hidden_size=32",
     "lopt.hidden_layers=2",
+    "lopt.momentum_decays=[0.5, 0.9, 0.99, 0.999]",  # the reference's four momenta
     "meta.num_pairs=8",
     "meta.window=20",
     "meta.min_episode_len=1000",
