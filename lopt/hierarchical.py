@@ -49,21 +49,22 @@ How the per-parameter MLP runs (both ways compute the same function, feature-maj
   tensors of 1,024 entries; the per-tensor matmuls' overhead only shows on tiny tensors,
   whose count (and so compile time) the batched path keeps down.
 
-Meta-parameters of the default configuration: 9,167 (LSTM 8,448: 33 tensor features and 32
-hidden units, 4 · 32 · (33 + 32 + 1); head 231: 32 → 4 mixing + 1 step + 2 context; bank
-488: 4 × (12 · 8 + 8 + 8 · 2 + 2)); `HierarchicalLOpt.num_meta_params` computes it for any
-configuration.
+Meta-parameters of the default configuration: 8,847 (LSTM 8,192: 31 tensor features and 32
+hidden units, 4 · 32 · (31 + 32 + 1); head 231: 32 → 4 mixing + 1 step + 2 context; bank
+424: 4 × (10 · 8 + 8 + 8 · 2 + 2)); `HierarchicalLOpt.num_meta_params` computes it for any
+configuration. (9,167 with three momenta, the default before two were measured level at
+equal meta-training budget: docs/optimizers.md, "Momenta".)
 
-FLOPs per parameter of one default update (a multiply-add counts 2, a compare, square root
-or exponential 1): about 80 elementwise for the state update (momenta 9, rms 5), the
-per-parameter features and their per-tensor normalisation (37) and the tensor summaries
-(29); then for a tensor that applies its own weights 2 · (10 · 8 + 8 · 2) = 192 for the
-matmuls and about 25 for biases, ReLU and the output, ≈ 300 in all; for a batched tensor
-2 · 4 · (12 · 8 + 8 · 2) = 896 for the bank's matmuls, 2 · 4 · (8 + 2) = 80 for the mixing
-and about 55 for biases, ReLU and the output, ≈ 1,100 in all. Per tensor, the LSTM cell
-2 · 128 · (33 + 32) = 16,640, its gates about 200, the head 2 · 32 · 7 = 448 and mixing the
-bank's weights 2 · 4 · 112 = 896: ≈ 18,200, which on a 1M-parameter MLP of 6 tensors is
-0.1 per parameter.
+FLOPs per parameter of one update with three momenta (two do less of each; a multiply-add
+counts 2, a compare, square root or exponential 1): about 80 elementwise for the state
+update (momenta 9, rms 5), the per-parameter features and their per-tensor normalisation
+(37) and the tensor summaries (29); then for a tensor that applies its own weights 2 · (10 ·
+8 + 8 · 2) = 192 for the matmuls and about 25 for biases, ReLU and the output, ≈ 300 in all;
+for a batched tensor 2 · 4 · (12 · 8 + 8 · 2) = 896 for the bank's matmuls, 2 · 4 · (8 + 2)
+= 80 for the mixing and about 55 for biases, ReLU and the output, ≈ 1,100 in all. Per
+tensor, the LSTM cell 2 · 128 · (33 + 32) = 16,640, its gates about 200, the head 2 · 32 · 7
+= 448 and mixing the bank's weights 2 · 4 · 112 = 896: ≈ 18,200, which on a 1M-parameter MLP
+of 6 tensors is 0.1 per parameter.
 
 Numerics follow `lopt.common`: float32 features, state and networks for any float dtype;
 non-finite gradient entries get a zero update and stay out of the state; a non-finite loss
@@ -257,7 +258,9 @@ class HierarchicalLOpt:
       num_mix: number of per-parameter MLP weight sets in the bank.
       mixing: 'softmax' (convex mixtures) or 'linear' (1/num_mix + the raw head output).
       num_context: per-tensor context values the LSTM passes to the per-parameter MLP.
-      momentum_decays: decays of the momentum features.
+      momentum_decays: decays of the momentum features. Two (0.9 and 0.99) by default:
+        level with three (0.5, 0.9, 0.99) at equal meta-training budget over two seeds, at
+        3.3× Adam's update at 1M parameters instead of 4.1× (docs/optimizers.md, "Momenta").
       rms_decay: decay of the running mean of squared gradients.
       loss_decays: decays of the moving averages of the training loss.
       step_mult: scale of the update (the step of a freshly initialised optimizer).
@@ -285,7 +288,7 @@ class HierarchicalLOpt:
     num_mix: int = 4
     mixing: str = "softmax"
     num_context: int = 2
-    momentum_decays: Sequence[float] = (0.5, 0.9, 0.99)
+    momentum_decays: Sequence[float] = (0.9, 0.99)
     rms_decay: float = 0.999
     loss_decays: Sequence[float] = (0.9, 0.99)
     step_mult: float = 1e-3

@@ -7,10 +7,11 @@
 #
 #   bash scripts/ablate_generalist.sh NAME [STOP]     # NAME: a key of ABLATIONS below
 set -euo pipefail
+# `hierarchical` names the three momenta it ran with (the kind's default is two since).
 declare -A ABLATIONS=(
   [no_fan_in]="lopt.width_scaling='none'"
   [rms_output]="lopt.output_norm='rms'"
-  [hierarchical]="lopt.kind='hierarchical' lopt.step_schedule='cosine'"
+  [hierarchical]="lopt.kind='hierarchical' lopt.step_schedule='cosine' lopt.momentum_decays=[0.5,0.9,0.99]"
   [pes]="meta.estimator='pes'"
   [no_augment]="task_family.reparam_scale=[] task_family.loss_scale=[] task_family.label_noise=0.0"
   [mlp_only]="task_family.kinds=['mlp']"
