@@ -608,9 +608,11 @@ def test_init_from_starts_at_a_checkpoints_theta_and_refuses_another_network(
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(start), strict=True)
     )
-    # A shipped optimizer by name: hash-checked, then refused by a wider network, each
-    # misfit leaf named; nothing is written.
-    assert main(_cli(tmp_path, "meta.init_from=generalist", "lopt.hidden_size=8")) == 2
+    # A shipped optimizer by name: hash-checked, then refused by a wider network (with the
+    # generalist's four momenta, so that only the width differs), each misfit leaf named;
+    # nothing is written.
+    four = "lopt.momentum_decays=[0.5, 0.9, 0.99, 0.999]"
+    assert main(_cli(tmp_path, "meta.init_from=generalist", "lopt.hidden_size=8", four)) == 2
     last = _last_line(capsys.readouterr().err)
     assert "meta.init_from='generalist'" in last and "do not fit" in last
     assert "['w_in']: (20, 4) there, (20, 8) here" in last and "hidden_size: 4 there" in last
