@@ -54,7 +54,11 @@ Why 4×2: at equal meta-training budget it trained held-out tasks as well as 8×
 (docs/optimizers.md, "Network size"), and its update costs about a quarter less (on the
 project's 2-core CPU, `python -m evaluate.measure.lopt_cost`: 6.1× Adam's against 8.3× at
 967k parameters, 2.85× against 3.71× at 10M; docs/speed.md). A checkpoint saves its sizes,
-so one trained at 8×2 loads as it was.
+so one trained at 8×2 loads as it was. Since the fused pass sums its features along the rows
+of each tensor's matrix view (`lopt.fused.matrix_sums`) and reduces the row and column
+accumulators' inputs without writing them out, the default update costs 3.4-4.0× Adam's at
+967k parameters and 1.8× at 10M on the same CPU. Three momenta stay: two trained worse at
+equal budget (docs/optimizers.md, "Momenta").
 
 Numerics (the contract of `lopt.common`):
 
@@ -97,10 +101,12 @@ from lopt.common import (
 )
 from lopt.fused import (
     IMPLS,
+    column_sums,
     elementwise_mlp,
+    matrix_sums,
     network_multiply_adds,
     runs_fused,
-    tensor_sums,
+    sums_along,
 )
 from lopt.mlp_lopt import (
     _apply_net,
@@ -160,8 +166,11 @@ def _masked_mean_square(g2: jax.Array, finite: jax.Array, axis: int):
     cap of `capped_square` where a plain sum of capped squares overflows.
     """
     n = g2.shape[axis]
-    count = jnp.sum(finite, axis=axis, dtype=jnp.float32)
-    total = jnp.sum(g2 * (1.0 / max(n, 1)), axis=axis)
+    # One reduction for both, with the mask and the square fused into it: as separate sums,
+    # XLA wrote the mask, the masked gradient and its square out first (measured 1.9 ms of
+    # a 5.5 ms update at 967k parameters).
+    parts = (g2 * (1.0 / max(n, 1)), finite.astype(jnp.float32))
+    total, count = column_sums(parts) if axis == 0 else sums_along(parts, axis)
     return total * (n / jnp.maximum(count, 1.0)), count > 0
 
 
@@ -458,7 +467,7 @@ def _fused_steps(
     """`_steps` with the network fused per tensor (`lopt.fused`): the same function.
 
     Per tensor, the sums of squares of its features come first, in one reduction
-    (`lopt.fused.tensor_sums`; the row and column features, constant along one axis, from
+    (`lopt.fused.matrix_sums`; the row and column features, constant along one axis, from
     their [a] and [b] vectors), and are folded into the first layer's weights; then the
     features, the network and the step are one elementwise pass over the [a, b] view, with
     the row and column features entering as [a, 1] and [1, b] broadcasts. Nothing of size
@@ -483,8 +492,17 @@ def _fused_steps(
         a, b = x.g.shape
         row, col = x.inv_r[0], x.inv_c[slow]  # [a, 1] and [1, b]
         # Mean squares over the tensor: a row feature is repeated b times, a column one a.
-        sums = tensor_sums([jnp.square(f) for f in _feature_list(x, slow)]) / (a * b)
         feats = _feature_list(x._replace(g=x.g_elem), slow)
+        # The features of the raw gradient, squared and masked (as `x.g` is) inside the
+        # reduction: the masked gradient is never written out.
+        fin = jnp.isfinite(x.g_elem)
+        reads_g = [False] * (2 + 2 * x.m.shape[0] + x.sr.shape[0]) + [True] * x.sr.shape[0]
+        reads_g[1] = True
+        squares = [
+            jnp.where(fin, jnp.square(f), 0.0) if masked else jnp.square(f)
+            for f, masked in zip(feats, reads_g, strict=True)
+        ]
+        sums = matrix_sums(squares, (a, b)) / (a * b)
         edge = jnp.stack([jnp.mean(jnp.square(row)), jnp.mean(jnp.square(col))])
         norms = jax.lax.rsqrt(jnp.concatenate([sums, edge]) + EPS)
         d, mag = elementwise_mlp(theta, [*feats, row, col], w[:n_feats] * norms[:, None], bias)
@@ -642,7 +660,10 @@ class AdaFacLOpt:
                 # reductions read the masked one, which then is not written (as MLPLOpt).
                 g_elem = raw if self.fused else g
                 m = ema(m, g_elem[None], d, finite[None])
-                g2, fin = capped_square(g).reshape(a, b), finite.reshape(a, b)
+                # Squared from `g_elem`, masked here: each reduction then computes its own
+                # mask, and the masked gradient is not written out for three readers.
+                fin = finite.reshape(a, b)
+                g2 = jnp.where(fin, capped_square(g_elem.reshape(a, b)), 0.0)
                 row_ms, row_any = _masked_mean_square(g2, fin, axis=1)
                 col_ms, col_any = _masked_mean_square(g2, fin, axis=0)
                 r = ema(r, row_ms[None], rms_decays, row_any[None])

@@ -23,6 +23,7 @@ choice between the two is measured by `python -m evaluate.measure.lopt_cost`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +60,79 @@ def runs_fused(impl: str, multiply_adds: int) -> bool:
     return impl == "fused"
 
 
-@jax.custom_jvp
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def sums_along(arrays: Sequence[jax.Array], axis: int) -> tuple[jax.Array, ...]:
+    """Each of several same-shape arrays summed over `axis`, in one variadic reduction.
+
+    The arrays are read once, in one loop, and their producers (a square, a mask) are fused
+    into it, so nothing is written but the sums: a reduction per array would be a pass per
+    array, and XLA's CPU reductions write their inputs out before reducing.
+
+    Args:
+      arrays: float32 arrays of one shape.
+      axis: the axis summed over.
+
+    Returns:
+      The sums, one array per input, without `axis`.
+    """
+    return tuple(
+        jax.lax.reduce(
+            tuple(arrays),
+            tuple(jnp.float32(0) for _ in arrays),
+            lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+            (axis,),
+        )
+    )
+
+
+@sums_along.defjvp
+def _sums_along_jvp(axis, primals, tangents):
+    # A sum is linear: its tangent is the sum of the tangents. Written as plain sums, which
+    # JAX can transpose; the variadic reduction's own rule neither transposes nor accepts an
+    # input whose tangent is symbolically zero (a count of non-finite entries, say).
+    (arrays,), (dots,) = primals, tangents
+    return sums_along(arrays, axis), tuple(jnp.sum(t, axis) for t in dots)
+
+
+# Rows per block of `column_sums`' first stage.
+_COLUMN_BLOCK = 16
+
+
+def column_sums(arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """`sums_along(arrays, 0)` for [a, b] arrays, in two stages: blocks of `_COLUMN_BLOCK`
+    rows first, then the blocks.
+
+    One reduction over the outer axis walks every column with a stride of a row, which
+    XLA's CPU emitter does not vectorise when the reduction is variadic; over a short
+    middle axis it runs along the rows (measured on a [1024, 880] kernel: 0.13-0.2 ms
+    against 0.38 ms for a gradient's masked square and its count).
+
+    Args:
+      arrays: float32 arrays of one shape [a, b].
+
+    Returns:
+      The [b] column sums, one per input.
+    """
+    a = arrays[0].shape[0]
+    if a <= 2 * _COLUMN_BLOCK:
+        return sums_along(arrays, 0)
+    rows = -(-a // _COLUMN_BLOCK) * _COLUMN_BLOCK
+    # Zero rows add nothing to a sum.
+    blocks = tuple(
+        jnp.pad(x, ((0, rows - a), (0, 0))).reshape(rows // _COLUMN_BLOCK, _COLUMN_BLOCK, -1)
+        for x in arrays
+    )
+    return sums_along(sums_along(blocks, 1), 0)
+
+
 def tensor_sums(arrays: Sequence[jax.Array]) -> jax.Array:
     """The sum of each of several same-size arrays, in one pass over them.
 
-    One variadic reduction reads every array once: a reduction per array would be a pass
-    per array, and XLA's CPU reductions materialise their inputs (a squared feature, say)
-    before reducing. Its inputs are fused into it, so a caller passes expressions (squares
-    of features) and nothing is written. It sums in two stages, partial sums of `_CHUNK`
-    elements and then their sum, for the accuracy of a pairwise sum.
+    One variadic reduction (`sums_along`) reads every array once; its inputs are fused into
+    it, so a caller passes expressions (squares of features) and nothing is written. It sums
+    in two stages, partial sums of `_CHUNK` elements and then their sum, for the accuracy of
+    a pairwise sum. For expressions built from row and column factors of a matrix, whose
+    structure this flat view hides from XLA, `matrix_sums` is faster.
 
     Args:
       arrays: k float32 arrays with the same number of elements (any shapes).
@@ -82,25 +147,49 @@ def tensor_sums(arrays: Sequence[jax.Array]) -> jax.Array:
     blocks = tuple(
         jnp.pad(x.reshape(-1), (0, rows * chunk - n)).reshape(rows, chunk) for x in arrays
     )
-    partial = jax.lax.reduce(
-        blocks,
-        tuple(jnp.float32(0) for _ in blocks),
-        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-        (1,),
-    )
     # One reduction of the stacked partial sums, not one per array: on small tensors each
     # reduction is a kernel launch, and launches are most of a small tensor's cost.
-    partial = jnp.stack(partial)
+    partial = jnp.stack(sums_along(blocks, 1))
     return partial[:, 0] if rows == 1 else jnp.sum(partial, axis=1)
 
 
-@tensor_sums.defjvp
-def _tensor_sums_jvp(primals, tangents):
-    # A sum is linear: its tangent is the sum of the tangents. Written as plain sums, which
-    # JAX can transpose; the variadic reduction's own rule neither transposes nor accepts an
-    # input whose tangent is symbolically zero (a count of non-finite entries, say).
-    (arrays,), (dots,) = primals, tangents
-    return tensor_sums(arrays), jnp.stack([jnp.sum(t) for t in dots])
+def _row_chunk(b: int) -> int | None:
+    """The length of the partial sums `matrix_sums` takes along rows of length `b`: the
+    whole row up to 2 * `_CHUNK`, else a divisor of `b` near `_CHUNK` (None if none)."""
+    if b <= 2 * _CHUNK:
+        return max(b, 1)
+    for step in range(_CHUNK // 2 + 1):
+        for c in (_CHUNK + step, _CHUNK - step):
+            if b % c == 0:
+                return c
+    return None
+
+
+def matrix_sums(arrays: Sequence[jax.Array], shape: tuple[int, int]) -> jax.Array:
+    """`tensor_sums` of expressions over an [a, b] matrix, summed along its rows.
+
+    Expressions made of [a, 1] row factors and [1, b] column factors (AdaFac's features)
+    keep their structure in this view: a row factor's arithmetic (a reciprocal square root,
+    say) is done once per row, where the flat view of `tensor_sums` repeats it per entry
+    (measured 3.7x slower for AdaFac's 16 features on a [1024, 880] kernel). Long rows are
+    cut into partial sums of about `_CHUNK` entries, for the accuracy of a pairwise sum; a
+    row length without a divisor near that falls back to `tensor_sums`.
+
+    Args:
+      arrays: k float32 arrays broadcasting to `shape`.
+      shape: the matrix's [a, b].
+
+    Returns:
+      [k] float32 sums.
+    """
+    a, b = shape
+    full = [jnp.broadcast_to(x, shape) for x in arrays]
+    chunk = _row_chunk(b)
+    if chunk is None:
+        return tensor_sums(full)
+    blocks = tuple(x.reshape(a, b // chunk, chunk) for x in full)
+    partial = jnp.stack(sums_along(blocks, 2)).reshape(len(full), -1)
+    return partial[:, 0] if partial.shape[1] == 1 else jnp.sum(partial, axis=1)
 
 
 def _dense(weights: jax.Array, bias: jax.Array, inputs: list[jax.Array]) -> list[jax.Array]:

@@ -14,7 +14,7 @@ import pytest
 
 from lopt.adafac import AdaFacLOpt
 from lopt.export import load_optax
-from lopt.fused import tensor_sums
+from lopt.fused import column_sums, matrix_sums, sums_along, tensor_sums
 from lopt.hierarchical import HierarchicalLOpt
 from lopt.mlp_lopt import MLPLOpt
 from tests.lopt_cases import MODEL_TREES, perturbed, perturbed_theta
@@ -202,6 +202,42 @@ def test_tensor_sums_is_accurate_on_a_long_tensor():
     np.testing.assert_allclose(got, [exact, 2 * exact], rtol=2e-6)
     small = jnp.arange(5.0)  # shorter than a chunk: one partial sum
     assert float(tensor_sums([small])[0]) == 10.0
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1024, 880), (3, 2_000), (1, 4_099), (577, 64), (5, 1), (1, 1)],
+    ids=["kernel", "divisible-long-rows", "prime-long-row", "conv-view", "column", "scalar"],
+)
+def test_matrix_and_column_sums_are_accurate_for_any_matrix_view(shape):
+    # Row factors times column factors, as AdaFac's features are built; long rows are cut
+    # into partial sums (or, with no divisor near the chunk length, summed flat).
+    k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+    row = jax.random.uniform(k1, (shape[0], 1), minval=0.5, maxval=1.5)
+    col = jax.random.uniform(k2, (1, shape[1]), minval=0.5, maxval=1.5)
+    x = jax.lax.rsqrt(row) * col
+    exact = np.asarray(x, np.float64)
+    got = np.asarray(matrix_sums([jnp.square(x), row, col], shape))
+    r64, c64 = np.asarray(row, np.float64), np.asarray(col, np.float64)
+    want = [np.sum(np.square(exact)), shape[1] * np.sum(r64), shape[0] * np.sum(c64)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 partial sums of ~512
+    cols = column_sums([x, 2.0 * x])
+    np.testing.assert_allclose(np.asarray(cols[0]), exact.sum(axis=0), rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(cols[1]), 2 * exact.sum(axis=0), rtol=2e-6)
+
+
+def test_sums_along_differentiates_with_a_constant_input():
+    # The finite count is an input without a tangent: the variadic reduction's own rule
+    # rejects it, the custom one sums tangents, forward and reverse.
+    x = jax.random.normal(jax.random.PRNGKey(6), (40, 7))
+
+    def f(x):
+        total, count = column_sums([jnp.square(x), jnp.isfinite(x).astype(jnp.float32)])
+        return jnp.sum(total * count) + jnp.sum(sums_along([x], 1)[0])
+
+    np.testing.assert_allclose(jax.grad(f)(x), 2 * 40 * x + 1.0, rtol=1e-6)
+    _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(tangent, float(jnp.sum(2 * 40 * x + 1.0)), rtol=1e-5)
 
 
 def _temp_bytes(lopt, theta, params) -> int:
