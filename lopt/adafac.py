@@ -492,17 +492,10 @@ def _fused_steps(
         a, b = x.g.shape
         row, col = x.inv_r[0], x.inv_c[slow]  # [a, 1] and [1, b]
         # Mean squares over the tensor: a row feature is repeated b times, a column one a.
-        feats = _feature_list(x._replace(g=x.g_elem), slow)
-        # The features of the raw gradient, squared and masked (as `x.g` is) inside the
-        # reduction: the masked gradient is never written out.
-        fin = jnp.isfinite(x.g_elem)
-        reads_g = [False] * (2 + 2 * x.m.shape[0] + x.sr.shape[0]) + [True] * x.sr.shape[0]
-        reads_g[1] = True
-        squares = [
-            jnp.where(fin, jnp.square(f), 0.0) if masked else jnp.square(f)
-            for f, masked in zip(feats, reads_g, strict=True)
-        ]
+        # The masked gradient `x.g` has this one reader, so XLA fuses it in, unwritten.
+        squares = [jnp.square(f) for f in _feature_list(x, slow)]
         sums = matrix_sums(squares, (a, b)) / (a * b)
+        feats = _feature_list(x._replace(g=x.g_elem), slow)
         edge = jnp.stack([jnp.mean(jnp.square(row)), jnp.mean(jnp.square(col))])
         norms = jax.lax.rsqrt(jnp.concatenate([sums, edge]) + EPS)
         d, mag = elementwise_mlp(theta, [*feats, row, col], w[:n_feats] * norms[:, None], bias)
