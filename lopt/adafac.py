@@ -653,8 +653,9 @@ class AdaFacLOpt:
                 # reductions read the masked one, which then is not written (as MLPLOpt).
                 g_elem = raw if self.fused else g
                 m = ema(m, g_elem[None], d, finite[None])
-                # Squared from `g_elem`, masked here: each reduction then computes its own
-                # mask, and the masked gradient is not written out for three readers.
+                # Squared from `g_elem` and masked here, so the row and column reductions
+                # compute the mask themselves: the masked gradient keeps one reader (the
+                # fused pass's feature sums) and XLA does not write it out.
                 fin = finite.reshape(a, b)
                 g2 = jnp.where(fin, capped_square(g_elem.reshape(a, b)), 0.0)
                 row_ms, row_any = _masked_mean_square(g2, fin, axis=1)
