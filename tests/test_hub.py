@@ -14,9 +14,9 @@ from lopt import hub as shipped
 from lopt.hub import PretrainedError, describe, load_pretrained, weights_sha256
 
 # The generalist's training checks run in the default stage; the orthogonalised variant's
-# and the superseded optimizer's in the slow stage, so the default stage stays under 10
-# minutes (loading and hashing every one, and the variant's own tests below, stay in the
-# default stage).
+# and the superseded optimizer's in the slow stage, to shorten the default stage (over 10
+# minutes on a slow day); loading and hashing every one, and the variant's own tests below,
+# stay in the default stage.
 DEFAULT_STAGE = ("generalist",)
 NAMES = [
     pytest.param(n, marks=() if n in DEFAULT_STAGE else pytest.mark.slow) for n in lopt.pretrained()

@@ -126,8 +126,8 @@ def test_a_queued_estimate_hides_the_round_trip_at_one_version_of_staleness(tmp_
     assert metrics["server/dropped_stale_total"] == 0
 
 
-# Two 4-step async runs, about 16 s: in the slow stage, so the default stage stays under 10
-# minutes (the tests above keep the async server's counters in it).
+# Two 4-step async runs, about 16 s: in the slow stage, to shorten the default stage (over
+# 10 minutes on a slow day); the tests above keep the async server's counters in it.
 @pytest.mark.slow
 def test_the_in_process_server_is_deterministic_and_logs_its_counters(tmp_path):
     extra = ("server.workers=2", "server.mode='async'", "meta.outer_steps=4")
